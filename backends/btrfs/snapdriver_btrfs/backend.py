@@ -1,0 +1,187 @@
+"""The btrfs backend: each layer a subvolume, each child a writable snapshot of its parent.
+
+Layout under Docker's Home: ``subvolumes/<id>`` holds the layers (the path Get returns, so no
+mounts are made and nothing can be "busy"); ``scratch/`` holds the short-lived read-only snapshots
+that ``btrfs send`` needs to diff a layer that is still writable. Changes come from a no-data send
+stream, judged path by path with Docker's rules (:mod:`snapdriver_btrfs.native`); the tree walk
+answers instead if the stream cannot be read.
+
+Quotas are opt-in: a ``size`` storage option is enforced with a qgroup limit on the subvolume's
+referenced bytes, when quotas are already enabled on the filesystem or the daemon was started with
+``--storage-opt btrfs.enable_quota=true``. Quotas are never switched off again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import btrfsutil
+
+from snapdriver.errors import BackendError, ConfigError, QuotaNotSupportedError
+from snapdriver.hookspec import BackendConfig, CreateRequest, hookimpl
+from snapdriver.hostfs import mount_of
+from snapdriver.layers.changes import Change
+from snapdriver_btrfs import ioctl
+from snapdriver_btrfs.native import SendStreamError, native_changes
+
+log = logging.getLogger(__name__)
+OPTION_PREFIX = "btrfs."
+_TRUE = ("1", "true", "yes", "on")
+
+
+class BtrfsBackend:
+    """A pluggy plugin object; registered under the name ``btrfs``."""
+
+    def __init__(self) -> None:
+        self._home: Path | None = None
+        self._enable_quota = False
+
+    @property
+    def home(self) -> Path:
+        if self._home is None:
+            raise BackendError("the btrfs backend is not set up (no Init yet)")
+        return self._home
+
+    @property
+    def subvolumes(self) -> Path:
+        return self.home / "subvolumes"
+
+    @property
+    def scratch(self) -> Path:
+        return self.home / "scratch"
+
+    def path(self, layer: str) -> Path:
+        return self.subvolumes / layer
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    @hookimpl
+    def snapdriver_setup(self, config: BackendConfig) -> None:
+        mount = mount_of(config.home)
+        if mount.fstype != "btrfs":
+            raise ConfigError(
+                f"{config.home} is not on btrfs (it is on {mount.fstype} mounted at "
+                f"{mount.target}): put dockerd's --data-root on a btrfs filesystem"
+            )
+        self._enable_quota = False
+        for key, value in config.options.items():
+            if key == OPTION_PREFIX + "enable_quota":
+                self._enable_quota = value.lower() in _TRUE
+            elif key.startswith(OPTION_PREFIX):
+                raise ConfigError(f"unknown storage option {key!r} (btrfs knows enable_quota)")
+        config.home.mkdir(mode=0o710, parents=True, exist_ok=True)
+        for directory in (config.home / "subvolumes", config.home / "scratch"):
+            directory.mkdir(mode=0o700, exist_ok=True)
+        self._home = config.home
+        for leftover in self.scratch.iterdir():
+            _delete(leftover)
+
+    @hookimpl
+    def snapdriver_status(self) -> list[tuple[str, str]]:
+        if self._home is None:
+            return []
+        quota = "enabled" if ioctl.quota_enabled(self.home) else "disabled"
+        return [("Filesystem", "btrfs"), ("Quota", quota), ("Native diff", "btrfs send")]
+
+    # -- layers --------------------------------------------------------------------------------
+
+    @hookimpl
+    def snapdriver_create(self, request: CreateRequest) -> None:
+        target = self.path(request.layer)
+        if os.path.lexists(target):
+            _delete(target)  # a leftover of a crash: Create replaces it
+        try:
+            if request.parent is None:
+                btrfsutil.create_subvolume(str(target))
+            else:
+                btrfsutil.create_snapshot(str(self.path(request.parent)), str(target))
+        except btrfsutil.BtrfsUtilError as err:
+            raise BackendError(f"cannot create subvolume {target}: {err}") from err
+        if request.quota is not None:
+            self._limit(target, request.quota)
+
+    def _limit(self, target: Path, size: int) -> None:
+        if not ioctl.quota_enabled(self.home):
+            if not self._enable_quota:
+                raise QuotaNotSupportedError(
+                    f"a size limit needs btrfs quotas on {self.home}: run `btrfs quota enable "
+                    f"{mount_of(self.home).target}` or start dockerd with "
+                    "--storage-opt btrfs.enable_quota=true"
+                )
+            ioctl.enable_quota(self.home)
+        ioctl.limit_referenced(target, size)
+
+    @hookimpl
+    def snapdriver_remove(self, layer: str) -> None:
+        target = self.path(layer)
+        if os.path.lexists(target):
+            _delete(target)
+
+    @hookimpl
+    def snapdriver_mount(self, layer: str, mount_label: str) -> Path:
+        target = self.path(layer)
+        if not target.is_dir():
+            raise BackendError(f"subvolume {target} is missing")
+        return target
+
+    @hookimpl
+    def snapdriver_unmount(self, layer: str) -> None:
+        """Nothing to release: a subvolume is a plain directory of the mounted filesystem."""
+
+    @hookimpl
+    def snapdriver_layers(self) -> Sequence[str]:
+        return sorted(p.name for p in self.subvolumes.iterdir())
+
+    @hookimpl
+    def snapdriver_metadata(self, layer: str) -> dict[str, str]:
+        return {"Subvolume": str(self.path(layer))}
+
+    # -- native diff ---------------------------------------------------------------------------
+
+    @hookimpl
+    def snapdriver_changes(
+        self, layer: str, layer_dir: Path, parent: str, parent_dir: Path
+    ) -> Sequence[Change] | None:
+        try:
+            with ExitStack() as stack:
+                layer_ro = stack.enter_context(self._read_only(self.path(layer)))
+                parent_ro = stack.enter_context(self._read_only(self.path(parent)))
+                return native_changes(layer_ro, parent_ro)
+        except (SendStreamError, OSError, btrfsutil.BtrfsUtilError) as err:
+            log.warning("native diff %s..%s failed (%s); walking both trees", parent, layer, err)
+            return None
+
+    @contextmanager
+    def _read_only(self, subvolume: Path) -> Iterator[Path]:
+        """``btrfs send`` needs read-only subvolumes: use the layer if it is, else a snapshot."""
+        if btrfsutil.get_subvolume_read_only(str(subvolume)):
+            yield subvolume
+            return
+        snapshot = self.scratch / f"{subvolume.name}.{uuid.uuid4().hex[:12]}"
+        btrfsutil.create_snapshot(str(subvolume), str(snapshot), read_only=True)
+        try:
+            yield snapshot
+        finally:
+            _delete(snapshot)
+
+
+def _delete(path: Path) -> None:
+    """Delete a subvolume with every subvolume nested in it, or a plain leftover directory."""
+    try:
+        if btrfsutil.is_subvolume(str(path)):
+            subvol_id = btrfsutil.subvolume_id(str(path))
+            btrfsutil.delete_subvolume(str(path), recursive=True)
+            ioctl.forget_qgroup(path.parent, subvol_id)
+            return
+    except btrfsutil.BtrfsUtilError as err:
+        raise BackendError(f"cannot delete subvolume {path}: {err}") from err
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,67 @@
+"""An example snapdriver backend: every layer is a plain directory, a child a full copy.
+
+It is the smallest complete backend: the six required hooks and nothing else. Changes come from
+the core's tree walk, and the core builds Diff, ApplyDiff, reference counts and state on top.
+Copies use ``cp -a --reflink=auto``, so on btrfs or XFS they share blocks with the parent.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from snapdriver import BackendConfig, BackendError, CreateRequest, QuotaNotSupportedError, hookimpl
+
+
+class CopyDirBackend:
+    def __init__(self) -> None:
+        self.layers_dir: Path | None = None
+
+    def path(self, layer: str) -> Path:
+        if self.layers_dir is None:
+            raise BackendError("copydir is not set up (no Init yet)")
+        return self.layers_dir / layer
+
+    @hookimpl
+    def snapdriver_setup(self, config: BackendConfig) -> None:
+        self.layers_dir = config.home / "dirs"
+        self.layers_dir.mkdir(parents=True, exist_ok=True)
+
+    @hookimpl
+    def snapdriver_create(self, request: CreateRequest) -> None:
+        if request.quota is not None:
+            raise QuotaNotSupportedError("copydir cannot enforce a quota (size)")
+        target = self.path(request.layer)
+        shutil.rmtree(target, ignore_errors=True)
+        if request.parent is None:
+            target.mkdir(mode=0o755)
+            target.chmod(0o755)
+            return
+        done = subprocess.run(
+            ["cp", "-a", "--reflink=auto", str(self.path(request.parent)), str(target)],
+            capture_output=True, text=True, check=False,
+        )
+        if done.returncode != 0:
+            shutil.rmtree(target, ignore_errors=True)
+            raise BackendError(f"copying {request.parent} failed: {done.stderr.strip()}")
+
+    @hookimpl
+    def snapdriver_remove(self, layer: str) -> None:
+        shutil.rmtree(self.path(layer), ignore_errors=True)
+
+    @hookimpl
+    def snapdriver_mount(self, layer: str, mount_label: str) -> Path:
+        return self.path(layer)
+
+    @hookimpl
+    def snapdriver_unmount(self, layer: str) -> None:
+        """Plain directories need no unmounting."""
+
+    @hookimpl
+    def snapdriver_layers(self) -> Sequence[str]:
+        return sorted(p.name for p in self.path("x").parent.iterdir())
+
+
+backend = CopyDirBackend()

@@ -1,0 +1,3 @@
+from snapdriver.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""``snapdriver``: run the GraphDriver plugin daemon for one backend.
+
+Start-up problems end the process with one line on stderr and exit status 2 (bad usage or
+configuration) so a person or systemd sees what to fix; a running daemon never dies of a request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import grp
+import logging
+import re
+import signal
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from snapdriver import __version__
+from snapdriver.driver import Driver
+from snapdriver.errors import SnapdriverError
+from snapdriver.plugins import Backend, installed_backends
+from snapdriver.protocol.app import create_app
+from snapdriver.protocol.serve import SPEC_DIR, Listen, TLSFiles, serving
+
+log = logging.getLogger("snapdriver")
+
+#: dockerd picks its own driver of these names and never asks a plugin.
+BUILTIN_DRIVERS = frozenset(
+    {"aufs", "btrfs", "devicemapper", "fuse-overlayfs", "overlay", "overlay2", "vfs", "zfs",
+     "windowsfilter"}
+)
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def base_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="snapdriver",
+        description="Serve Docker's GraphDriver plugin protocol from a snapshot backend.",
+    )
+    parser.add_argument("--backend", help="storage backend to use (see --list-backends)")
+    parser.add_argument("--list-backends", action="store_true", help="list backends and exit")
+    parser.add_argument("--version", action="version", version=f"snapdriver {__version__}")
+    parser.add_argument(
+        "--name", default="snapdriver",
+        help="plugin name: dockerd --storage-driver NAME (default: snapdriver)",
+    )
+    parser.add_argument(
+        "--listen",
+        help="unix:///path.sock, tcp://host:port or systemd: "
+        "(default: unix:///run/docker/plugins/NAME.sock)",
+    )
+    parser.add_argument(
+        "--state-dir", type=Path,
+        help="where the last Init is kept (default: /var/lib/snapdriver/NAME)",
+    )
+    parser.add_argument("--socket-group", help="group allowed to use the socket (mode 0660)")
+    parser.add_argument("--spec-dir", type=Path, default=SPEC_DIR, help=argparse.SUPPRESS)
+    parser.add_argument("--tls-cert", type=Path, help="server certificate (TCP only)")
+    parser.add_argument("--tls-key", type=Path, help="server key")
+    parser.add_argument("--tls-ca", type=Path, help="CA that signs client certificates")
+    parser.add_argument("--tls-client-cert", type=Path, help="client cert dockerd presents")
+    parser.add_argument("--tls-client-key", type=Path, help="client key dockerd presents")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"],
+    )
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"snapdriver: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _list_backends() -> int:
+    backends = installed_backends()
+    if not backends:
+        print("no backends installed")
+    for name, dist in sorted(backends.items()):
+        print(f"{name}\t({dist})")
+    return 0
+
+
+def _tls(args: argparse.Namespace) -> TLSFiles | None:
+    given = [args.tls_cert, args.tls_key, args.tls_ca]
+    if not any(given):
+        return None
+    if not all(given):
+        raise SnapdriverError("TLS needs all of --tls-cert, --tls-key and --tls-ca")
+    return TLSFiles(args.tls_cert, args.tls_key, args.tls_ca, args.tls_client_cert,
+                    args.tls_client_key)
+
+
+def _group(name: str | None) -> int | None:
+    if name is None:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise SnapdriverError(f"--socket-group {name!r}: no such group") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = base_parser()
+    early, _ = parser.parse_known_args(argv)
+    if early.list_backends:
+        return _list_backends()
+    if not early.backend:
+        return _fail("--backend is required (installed: "
+                     f"{', '.join(sorted(installed_backends())) or 'none'})")
+    if early.name in BUILTIN_DRIVERS or not _NAME.fullmatch(early.name):
+        return _fail(f"--name {early.name!r} is not usable: dockerd would pick its own driver "
+                     "of that name, or it is not a lowercase name")
+    try:
+        backend = Backend.load(early.backend)
+        backend.add_options(parser)
+        args = parser.parse_args(argv)
+        logging.basicConfig(
+            level=args.log_level.upper(),
+            format=f"snapdriver[{args.name}] %(levelname)s %(name)s: %(message)s",
+        )
+        return asyncio.run(_serve(backend, args))
+    except SnapdriverError as err:
+        return _fail(str(err))
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _serve(backend: Backend, args: argparse.Namespace) -> int:
+    state_dir = args.state_dir or Path("/var/lib/snapdriver") / args.name
+    listen = Listen.parse(args.listen) if args.listen else Listen.default(args.name)
+    # Long ApplyDiff and Diff calls each hold a worker thread; keep plenty for short calls.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=32, thread_name_prefix="snapdriver")
+    )
+    driver = Driver(backend, state_dir, args)
+    await driver.resume()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    app = create_app(driver)
+    async with serving(app, args.name, listen, group=_group(args.socket_group), tls=_tls(args),
+                       spec_dir=args.spec_dir) as where:
+        log.info("serving backend %s on %s (state in %s)", backend.name, where, state_dir)
+        await stop.wait()
+    log.info("stopped")
+    with contextlib.suppress(Exception):
+        driver.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

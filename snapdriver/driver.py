@@ -1,0 +1,344 @@
+"""The core: Docker's GraphDriver operations, written once on top of a backend's primitives.
+
+The protocol layer decodes a request and calls one method here; this module owns what every
+backend shares: the persisted layer record, per-layer locks, reference-counted mounts with a stable
+path per layer, Diff/DiffSize/ApplyDiff built from change lists and tar code, and recovery after a
+crash. Backend hooks are blocking, so they run in worker threads (``asyncio.to_thread``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TypeVar
+
+from snapdriver.errors import (
+    ConfigError,
+    LayerBusyError,
+    LayerExistsError,
+    LayerNotFoundError,
+    NotInitialisedError,
+    RequestError,
+    SnapdriverError,
+)
+from snapdriver.hookspec import BackendConfig, CreateRequest
+from snapdriver.layers.apply import apply_tar
+from snapdriver.layers.archive import export_changes, export_tree
+from snapdriver.layers.changes import Change, changes_size, walk_changes
+from snapdriver.layers.state import InitRecord, LayerRecord, LayerStore, Status
+from snapdriver.layers.units import parse_size
+from snapdriver.plugins import Backend
+from snapdriver.streams import Sink, stream_from_thread
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def parse_options(options: Sequence[str]) -> dict[str, str]:
+    """Turn Init's ``["key=value", ...]`` into a mapping; a pair without ``=`` is an error."""
+    parsed: dict[str, str] = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"storage option {item!r} is not of the form key=value")
+        parsed[key.strip().lower()] = value.strip()
+    return parsed
+
+
+def parse_storage_opt(storage_opt: Mapping[str, str]) -> int | None:
+    """The per-layer options Docker sends on Create: only ``size`` is understood."""
+    quota = None
+    for key, value in storage_opt.items():
+        if key.lower() != "size":
+            raise RequestError(f"Unknown option {key!r}: the only per-layer option is size")
+        quota = parse_size(value)
+    return quota
+
+
+@dataclass
+class DiffJob:
+    """A Diff whose checks passed: :meth:`stream` writes the tar; nothing can fail before it."""
+
+    driver: Driver
+    layer: str
+    layer_dir: Path
+    changes: list[Change] | None  # None: the whole layer (no parent)
+
+    def write(self, sink: Sink) -> None:
+        if self.changes is None:
+            export_tree(self.layer_dir, sink)
+        else:
+            export_changes(self.layer_dir, self.changes, sink)
+
+    async def stream(self, consume: Callable[[bytes], Awaitable[None]]) -> None:
+        await stream_from_thread(self.write, consume)
+
+
+class Driver:
+    """One GraphDriver: a backend, the layer record in its Home, and the mounts in use."""
+
+    def __init__(
+        self, backend: Backend, state_dir: Path, args: argparse.Namespace | None = None
+    ) -> None:
+        self.backend = backend
+        self.state_dir = state_dir
+        self.args = args or argparse.Namespace()
+        self.home: Path | None = None
+        self._store: LayerStore | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._paths: dict[str, Path] = {}
+        self._internal_refs: Counter[str] = Counter()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def resume(self) -> bool:
+        """Carry on from the last recorded Init, as after a plugin restart. False if none."""
+        record = InitRecord.load(self.state_dir)
+        if record is None:
+            return False
+        await self._setup(record)
+        log.info("resumed %s at %s without a new Init", self.backend.name, record.home)
+        return True
+
+    async def init(
+        self, home: str, options: Sequence[str], uid_maps: Sequence[object] = (),
+        gid_maps: Sequence[object] = ()
+    ) -> None:
+        if uid_maps or gid_maps:
+            raise ConfigError("user-namespace remapping (userns-remap) is not supported")
+        if not home or not os.path.isabs(home):
+            raise ConfigError(f"Init Home must be an absolute path, got {home!r}")
+        record = InitRecord(Path(home), tuple(options))
+        await self._setup(record)
+        record.save(self.state_dir)
+
+    async def _setup(self, record: InitRecord) -> None:
+        config = BackendConfig(record.home, parse_options(record.options), self.args)
+        await asyncio.to_thread(self.backend.setup, config)
+        if self._store is not None and self.home != record.home:
+            self._store.close()
+            self._store = None
+        if self._store is None:
+            self._store = LayerStore(record.home)
+        self.home = record.home
+        await self.recover()
+
+    async def recover(self) -> list[str]:
+        """Remove what a crash left half made; return the IDs removed."""
+        store = self.store
+        removed = []
+        known = {r.id: r for r in store.all()}
+        for record in known.values():
+            if record.status in (Status.CREATING, Status.APPLYING, Status.REMOVING):
+                await self._destroy(record.id)
+                removed.append(record.id)
+        for layer in await asyncio.to_thread(self.backend.layers):
+            if layer not in known:
+                await asyncio.to_thread(self.backend.remove, layer)
+                removed.append(layer)
+        if removed:
+            log.warning("removed %d half-made or unrecorded layers: %s", len(removed), removed)
+        return removed
+
+    async def cleanup(self) -> None:
+        if self._store is not None:
+            await asyncio.to_thread(self.backend.cleanup)
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    @property
+    def store(self) -> LayerStore:
+        if self._store is None:
+            raise NotInitialisedError(
+                "the plugin has no Home yet: dockerd has not sent Init since it was installed"
+            )
+        return self._store
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, *layers: str) -> AsyncIterator[None]:
+        """Per-layer locks, taken in a fixed order so two calls can never deadlock."""
+        async with contextlib.AsyncExitStack() as stack:
+            for layer in sorted(set(layers)):
+                await stack.enter_async_context(self._locks.setdefault(layer, asyncio.Lock()))
+            yield
+
+    def _require(self, layer: str) -> LayerRecord:
+        record = self.store.get(layer)
+        if record is None or record.status in (Status.CREATING, Status.REMOVING):
+            raise LayerNotFoundError(f"layer {layer} does not exist")
+        if record.status == Status.FAILED:
+            raise LayerNotFoundError(f"layer {layer} is incomplete (its ApplyDiff failed)")
+        return record
+
+    async def _acquire(self, layer: str, mount_label: str = "") -> Path:
+        """Mount on the first reference; the same layer always gets the same path."""
+        path = self._paths.get(layer)
+        if path is None:
+            path = await asyncio.to_thread(self.backend.mount, layer, mount_label)
+            self._paths[layer] = path
+        return path
+
+    async def _release_if_unused(self, layer: str) -> None:
+        record = self.store.get(layer)
+        refs = (record.refs if record else 0) + self._internal_refs[layer]
+        if refs == 0 and layer in self._paths:
+            del self._paths[layer]
+            await asyncio.to_thread(self.backend.unmount, layer)
+
+    @contextlib.asynccontextmanager
+    async def _mounted(self, *layers: str) -> AsyncIterator[list[Path]]:
+        """Hold internal references on ``layers`` for the duration of an operation."""
+        paths: list[Path] = []
+        try:
+            for layer in layers:
+                async with self._locked(layer):
+                    self._require(layer)
+                    self._internal_refs[layer] += 1
+                    paths.append(await self._acquire(layer))
+            yield paths
+        finally:
+            for layer in layers[: len(paths)]:
+                async with self._locked(layer):
+                    self._internal_refs[layer] -= 1
+                    await self._release_if_unused(layer)
+
+    async def _destroy(self, layer: str) -> None:
+        """Unmount and remove from storage, then forget; the record goes last."""
+        self.store.set_status(layer, Status.REMOVING)
+        if layer in self._paths:
+            del self._paths[layer]
+            await asyncio.to_thread(self.backend.unmount, layer)
+        await asyncio.to_thread(self.backend.remove, layer)
+        self.store.delete(layer)
+
+    # -- the GraphDriver operations ------------------------------------------------------------
+
+    async def create(
+        self, layer: str, parent: str | None, storage_opt: Mapping[str, str] | None = None
+    ) -> None:
+        quota = parse_storage_opt(storage_opt or {})
+        async with self._locked(layer, *([parent] if parent else [])):
+            existing = self.store.get(layer)
+            if existing is not None and existing.status == Status.READY:
+                raise LayerExistsError(f"layer {layer} already exists")
+            if existing is not None:
+                await self._destroy(layer)  # a leftover of a crash or a failed ApplyDiff
+            if parent:
+                self._require(parent)
+            self.store.add(layer, parent, quota)
+            try:
+                request = CreateRequest(layer, parent, quota)
+                await asyncio.to_thread(self.backend.create, request)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await self._destroy(layer)
+                raise
+            self.store.set_status(layer, Status.READY)
+
+    async def remove(self, layer: str) -> None:
+        async with self._locked(layer):
+            if self.store.get(layer) is None:
+                # Unknown IDs succeed, but storage the record lost is still reclaimed.
+                if layer in await asyncio.to_thread(self.backend.layers):
+                    await asyncio.to_thread(self.backend.remove, layer)
+                return
+            children = self.store.children(layer)
+            if children:
+                raise LayerBusyError(
+                    f"layer {layer} still has {len(children)} child layer(s), e.g. {children[0]}"
+                )
+            if self._internal_refs[layer]:
+                raise LayerBusyError(f"layer {layer} is in use by a running Diff or Changes")
+            await self._destroy(layer)
+
+    async def get(self, layer: str, mount_label: str = "") -> Path:
+        async with self._locked(layer):
+            record = self._require(layer)
+            path = await self._acquire(layer, mount_label)
+            self.store.set_refs(layer, record.refs + 1)
+            return path
+
+    async def put(self, layer: str) -> None:
+        async with self._locked(layer):
+            record = self.store.get(layer)
+            if record is None:
+                return  # dockerd may Put after a Remove; nothing to release
+            if record.refs > 0:
+                self.store.set_refs(layer, record.refs - 1)
+            else:
+                log.info("Put of %s without a matching Get (plugin restarted?)", layer)
+            await self._release_if_unused(layer)
+
+    async def exists(self, layer: str) -> bool:
+        record = self.store.get(layer)
+        return record is not None and record.status == Status.READY
+
+    async def status(self) -> list[tuple[str, str]]:
+        pairs = [("Backend", self.backend.name)]
+        if self._store is not None:
+            counts = self._store.count()
+            pairs += [("Home", str(self.home)), ("Layers", str(counts.get(Status.READY, 0)))]
+        return pairs + await asyncio.to_thread(self.backend.status)
+
+    async def metadata(self, layer: str) -> dict[str, str]:
+        self._require(layer)
+        return await asyncio.to_thread(self.backend.metadata, layer)
+
+    async def changes(self, layer: str, parent: str | None) -> list[Change]:
+        if not parent:
+            async with self._mounted(layer) as (layer_dir,):
+                return await asyncio.to_thread(walk_changes, layer_dir, None)
+        async with self._mounted(layer, parent) as (layer_dir, parent_dir):
+            return await asyncio.to_thread(
+                self.backend.changes, layer, layer_dir, parent, parent_dir
+            )
+
+    async def diff_size(self, layer: str, parent: str | None) -> int:
+        async with self._mounted(layer) as (layer_dir,):
+            changes = await self.changes(layer, parent)
+            return await asyncio.to_thread(changes_size, layer_dir, changes)
+
+    @contextlib.asynccontextmanager
+    async def diff(self, layer: str, parent: str | None) -> AsyncIterator[DiffJob]:
+        """Everything that can fail happens before the job is yielded (and the reply begins)."""
+        async with self._mounted(layer) as (layer_dir,):
+            changes = await self.changes(layer, parent) if parent else None
+            yield DiffJob(self, layer, layer_dir, changes)
+
+    async def apply_diff(self, layer: str, parent: str | None, stream: IO[bytes]) -> int:
+        async with self._locked(layer):
+            record = self._require(layer)
+            if parent and record.parent != parent:
+                log.warning("ApplyDiff %s: parent %s differs from recorded %s", layer, parent,
+                            record.parent)
+            self.store.set_status(layer, Status.APPLYING)
+            self._internal_refs[layer] += 1
+            try:
+                layer_dir = await self._acquire(layer)
+                size = await asyncio.to_thread(apply_tar, layer_dir, stream)
+            except BaseException:
+                self.store.set_status(layer, Status.FAILED)
+                raise
+            finally:
+                self._internal_refs[layer] -= 1
+                with contextlib.suppress(SnapdriverError, OSError):
+                    await self._release_if_unused(layer)
+            self.store.set_status(layer, Status.READY)
+            return size
+
+    @staticmethod
+    def capabilities() -> dict[str, bool]:
+        """Diffs are rebuilt from the files, not replayed, so they are not byte-exact."""
+        return {"ReproducesExactDiffs": False}

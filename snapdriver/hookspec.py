@@ -1,0 +1,144 @@
+"""The backend contract: every hook a storage backend can implement, in one module.
+
+A backend is a pluggy plugin (usually an object) registered under a name in the entry-point group
+``snapdriver.backends``; ``snapdriver --backend NAME`` loads exactly that one. Other plugins, from
+the group ``snapdriver.plugins``, are all loaded and may wrap any hook (``@hookimpl(wrapper=True)``)
+for logging, metrics or policy, the way pytest plugins wrap pytest's hooks.
+
+The contract is storage primitives, not Docker's fifteen calls: make a layer from a parent, remove
+it, give its directory and release it, and, optionally, say what changed natively. The core
+(:mod:`snapdriver.driver`) builds Diff, DiffSize, ApplyDiff, reference counting, locking and the
+persisted layer record on top, once for every backend. The core calls each hook from a worker
+thread, one call per layer at a time (calls for different layers run concurrently), and only for
+IDs that passed :func:`snapdriver.layers.ids.validate_layer_id`.
+
+Required hooks: ``snapdriver_setup``, ``snapdriver_create``, ``snapdriver_remove``,
+``snapdriver_mount``, ``snapdriver_unmount``, ``snapdriver_layers``. The rest have defaults.
+
+Errors: raise a subclass of :class:`snapdriver.errors.SnapdriverError` with a message a person
+can act on (``ConfigError`` in setup, ``QuotaNotSupportedError`` for an unenforceable size,
+``BackendError`` for storage failures); Docker shows the message to its user.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pluggy
+
+from snapdriver.layers.changes import Change
+
+PROJECT = "snapdriver"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """What a backend is set up with.
+
+    ``home`` is Docker's Init ``Home`` (``<data-root>/<plugin name>``): the backend keeps its layers
+    under it or beside it. ``options`` are the daemon's ``--storage-opt`` pairs from Init, verbatim
+    (keys such as ``zfs.fsname``); a backend raises ``ConfigError`` for a key it owns but cannot
+    use. ``args`` holds the parsed command line, including the flags the backend added in
+    ``snapdriver_addoption``.
+    """
+
+    home: Path
+    options: Mapping[str, str] = field(default_factory=dict)
+    args: argparse.Namespace = field(default_factory=argparse.Namespace)
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    """A layer to make: ``parent`` None means an empty layer; ``quota`` is a byte limit or None."""
+
+    layer: str
+    parent: str | None
+    quota: int | None = None
+
+
+@hookspec
+def snapdriver_addoption(parser: argparse.ArgumentParser) -> None:
+    """Add command-line flags for this backend (called before the command line is parsed)."""
+
+
+@hookspec(firstresult=True)
+def snapdriver_setup(config: BackendConfig) -> None:
+    """Check and prepare storage for ``config.home``; raise ``ConfigError`` with a one-line reason.
+
+    Called on every Init and again when the plugin restarts with an Init on record (dockerd does
+    not resend Init to a restarted plugin). Must be idempotent.
+    """
+
+
+@hookspec(firstresult=True)
+def snapdriver_create(request: CreateRequest) -> None:
+    """Make the layer: empty, or a writable copy-on-write child of ``request.parent``.
+
+    The layer must be writable even when Docker says Create rather than CreateReadWrite (dockerd
+    applies diffs into it, BuildKit writes into it). If leftovers of the same ID exist from a crash,
+    replace them. Raise ``QuotaNotSupportedError`` if a quota was asked for and cannot be enforced.
+    """
+
+
+@hookspec(firstresult=True)
+def snapdriver_remove(layer: str) -> None:
+    """Delete the layer and everything inside it (nested subvolumes, snapshots it owns).
+
+    Unknown IDs succeed. The layer is unmounted already, as far as the core knows.
+    """
+
+
+@hookspec(firstresult=True)
+def snapdriver_mount(layer: str, mount_label: str) -> Path:
+    """Make the layer's files visible and return its directory.
+
+    Called on the first reference only; the same layer must always get the same path. The path
+    must be visible in dockerd's mount namespace. Mounting an already mounted layer succeeds.
+    """
+    raise NotImplementedError
+
+
+@hookspec(firstresult=True)
+def snapdriver_unmount(layer: str) -> None:
+    """Release what ``snapdriver_mount`` made (called when the last reference goes)."""
+
+
+@hookspec(firstresult=True)
+def snapdriver_layers() -> Sequence[str]:
+    """Every layer ID present in storage, complete or not (used to find leftovers and orphans)."""
+    raise NotImplementedError
+
+
+@hookspec(firstresult=True)
+def snapdriver_changes(
+    layer: str, layer_dir: Path, parent: str, parent_dir: Path
+) -> Sequence[Change] | None:
+    """What changed from ``parent`` to ``layer``, exactly as Docker's tree walk would say.
+
+    Both layers are mounted at the given directories for the duration of the call. ``parent`` may
+    be any ancestor, not only the direct parent. Return None to let the next implementation answer;
+    the core's two-tree walk answers last. A native differ should judge its candidate paths with
+    :func:`snapdriver.layers.changes.changes_from_candidates` so its output equals the walk's.
+    """
+
+
+@hookspec
+def snapdriver_status() -> list[tuple[str, str]]:
+    """Key/value pairs for ``docker info``; every plugin's pairs are shown, in order."""
+    raise NotImplementedError
+
+
+@hookspec
+def snapdriver_metadata(layer: str) -> dict[str, str]:
+    """Key/value pairs for ``docker inspect``'s ``GraphDriver.Data``; merged over plugins."""
+    raise NotImplementedError
+
+
+@hookspec
+def snapdriver_cleanup() -> None:
+    """dockerd is shutting down (Cleanup). Release caches; never undo user settings."""

@@ -1,0 +1,1 @@
+"""Layer machinery every backend shares: change lists, tar export and apply, state, IDs."""

@@ -1,0 +1,282 @@
+"""Unpacking a layer tar with Docker's rules (``pkg/archive.UnpackLayer``), confined to the layer.
+
+What Docker does, and so do we: names are cleaned and ``..`` breakouts refused; a missing parent
+is made with mode 0600; ``.wh.NAME`` deletes NAME; ``.wh..wh..opq`` empties its directory of
+everything not unpacked from this same tar; other ``.wh..wh.*`` names are skipped; an existing path
+is replaced unless both are directories; ownership, then xattrs, then mode, then times are set
+(``chown`` clears setuid bits, so mode comes after it); directory times are set last. The size
+returned is the sum of the header sizes, which dockerd records as the layer size.
+
+What Docker gets from its chroot we get from ``openat2(RESOLVE_IN_ROOT)``: every lookup resolves
+inside the layer (see :mod:`snapdriver.layers.rootfs`). On top, whiteouts that name the layer
+root or its parent and hard links into AUFS's private ``.wh..wh.plnk`` are refused.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import stat
+import tarfile
+from collections.abc import Iterator
+from typing import IO
+
+from snapdriver.errors import ArchiveError
+from snapdriver.layers.rootfs import (
+    lstat_at,
+    make_dirs_in_root,
+    open_dir_in_root,
+    open_in_root,
+    remove_at,
+    split,
+)
+
+WHITEOUT_PREFIX = ".wh."
+WHITEOUT_META_PREFIX = ".wh..wh."
+WHITEOUT_OPAQUE = ".wh..wh..opq"
+_XATTR_PREFIX = "SCHILY.xattr."
+_CHUNK = 1 << 20
+_NODE_TYPES = {tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK}
+
+
+def clean_name(name: str) -> str:
+    """Go's ``filepath.Clean`` plus the breakout check: a relative path, ``""`` for the root."""
+    rooted = name.startswith("/")
+    cleaned = posixpath.normpath(name) if name else "."
+    if rooted:
+        cleaned = cleaned.lstrip("/")
+    if cleaned == ".." or cleaned.startswith("../"):
+        raise ArchiveError(f"tar entry {name!r} points outside the layer")
+    return "" if cleaned in (".", "") else cleaned
+
+
+def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """Members in stream order without keeping them all (TarFile.members grows otherwise)."""
+    while True:
+        try:
+            member = tar.next()
+        except tarfile.TarError as err:
+            raise ArchiveError(f"invalid layer tar: {err}") from err
+        if member is None:
+            return
+        tar.members.clear()
+        yield member
+
+
+class _Unpacker:
+    def __init__(self, root_fd: int, tar: tarfile.TarFile) -> None:
+        self.root_fd = root_fd
+        self.tar = tar
+        self.unpacked: set[str] = set()
+        self.dirs: list[tuple[str, tarfile.TarInfo]] = []
+
+    def entry(self, member: tarfile.TarInfo) -> None:
+        rel = clean_name(member.name)
+        parent, base = split(rel)
+        if rel:
+            os.close(make_dirs_in_root(self.root_fd, parent, 0o600))
+        if rel.startswith(WHITEOUT_META_PREFIX) and rel != WHITEOUT_OPAQUE:
+            return  # AUFS metadata such as .wh..wh.plnk: Docker skips it
+        if base.startswith(WHITEOUT_PREFIX):
+            self.whiteout(parent, base)
+            return
+        self.create(rel, member)
+
+    def whiteout(self, parent: str, base: str) -> None:
+        if base == WHITEOUT_OPAQUE:
+            self.opaque(parent)
+            return
+        target = base[len(WHITEOUT_PREFIX) :]
+        if target in ("", ".", ".."):
+            raise ArchiveError(f"whiteout {posixpath.join(parent, base)!r} names no entry")
+        dir_fd = open_dir_in_root(self.root_fd, parent)
+        try:
+            remove_at(dir_fd, target)
+        finally:
+            os.close(dir_fd)
+
+    def opaque(self, parent: str) -> None:
+        """Remove everything below ``parent`` that this tar did not unpack."""
+        dir_fd = open_dir_in_root(self.root_fd, parent)
+        try:
+            self._prune(dir_fd, parent)
+        finally:
+            os.close(dir_fd)
+
+    def _prune(self, dir_fd: int, rel: str) -> None:
+        for name in os.listdir(dir_fd):
+            child = f"{rel}/{name}" if rel else name
+            if child not in self.unpacked:
+                remove_at(dir_fd, name)
+                continue
+            st = lstat_at(dir_fd, name)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                sub = open_in_root(dir_fd, name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                try:
+                    self._prune(sub, child)
+                finally:
+                    os.close(sub)
+
+    def create(self, rel: str, member: tarfile.TarInfo) -> None:
+        parent, base = split(rel)
+        dir_fd = open_dir_in_root(self.root_fd, parent)
+        try:
+            if not rel:
+                self._root_metadata(member)
+            else:
+                existing = lstat_at(dir_fd, base)
+                if existing is not None and not (stat.S_ISDIR(existing.st_mode) and member.isdir()):
+                    remove_at(dir_fd, base)
+                self._make(dir_fd, base, member)
+                self._metadata(dir_fd, base, member)
+        finally:
+            os.close(dir_fd)
+        if member.isdir():
+            self.dirs.append((rel, member))
+        self.unpacked.add(rel)
+
+    def _make(self, dir_fd: int, base: str, member: tarfile.TarInfo) -> None:
+        mode = member.mode & 0o7777
+        if member.isdir():
+            st = lstat_at(dir_fd, base)
+            if st is None:
+                os.mkdir(base, mode, dir_fd=dir_fd)
+        elif member.isreg():
+            self._write_file(dir_fd, base, member, mode)
+        elif member.issym():
+            os.symlink(member.linkname, base, dir_fd=dir_fd)
+        elif member.islnk():
+            self._hard_link(dir_fd, base, member)
+        elif member.type in _NODE_TYPES:
+            device = os.makedev(member.devmajor, member.devminor)
+            os.mknod(base, mode | _NODE_TYPES[member.type], device, dir_fd=dir_fd)
+        elif member.isfifo():
+            os.mknod(base, mode | stat.S_IFIFO, dir_fd=dir_fd)
+        else:
+            raise ArchiveError(f"tar entry {member.name!r} has unsupported type {member.type!r}")
+
+    def _write_file(self, dir_fd: int, base: str, member: tarfile.TarInfo, mode: int) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(base, flags, mode, dir_fd=dir_fd)
+        try:
+            source = self.tar.extractfile(member)
+            if source is None:
+                return
+            while chunk := _read(source):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+
+    def _hard_link(self, dir_fd: int, base: str, member: tarfile.TarInfo) -> None:
+        target = clean_name(member.linkname)
+        if not target or target.startswith(WHITEOUT_META_PREFIX):
+            raise ArchiveError(f"hard link {member.name!r} -> {member.linkname!r} is not supported")
+        target_parent, target_base = split(target)
+        try:
+            target_fd = open_dir_in_root(self.root_fd, target_parent)
+        except OSError as err:
+            raise ArchiveError(f"hard link {member.name!r}: target {target!r}: {err}") from err
+        try:
+            os.link(
+                target_base,
+                base,
+                src_dir_fd=target_fd,
+                dst_dir_fd=dir_fd,
+                follow_symlinks=False,
+            )
+        except FileNotFoundError as err:
+            raise ArchiveError(
+                f"hard link {member.name!r} points to {member.linkname!r}, which does not exist"
+            ) from err
+        finally:
+            os.close(target_fd)
+
+    def _metadata(self, dir_fd: int, base: str, member: tarfile.TarInfo) -> None:
+        os.chown(base, member.uid, member.gid, dir_fd=dir_fd, follow_symlinks=False)
+        self._xattrs(f"/proc/self/fd/{dir_fd}/{base}", member)
+        st = lstat_at(dir_fd, base)
+        is_link = st is not None and stat.S_ISLNK(st.st_mode)
+        if not is_link:
+            os.chmod(base, member.mode & 0o7777, dir_fd=dir_fd)
+        if not member.isdir():
+            os.utime(base, ns=_times(member), dir_fd=dir_fd, follow_symlinks=False)
+
+    def _root_metadata(self, member: tarfile.TarInfo) -> None:
+        if not member.isdir():
+            raise ArchiveError(f"tar entry {member.name!r} would replace the layer root")
+        os.fchown(self.root_fd, member.uid, member.gid)
+        self._xattrs(f"/proc/self/fd/{self.root_fd}", member)
+        os.fchmod(self.root_fd, member.mode & 0o7777)
+
+    @staticmethod
+    def _xattrs(path: str, member: tarfile.TarInfo) -> None:
+        for key, value in member.pax_headers.items():
+            if not key.startswith(_XATTR_PREFIX):
+                continue
+            name = key[len(_XATTR_PREFIX) :]
+            try:
+                os.setxattr(path, name, value.encode("utf-8", "surrogateescape"),
+                            follow_symlinks=False)
+            except OSError as err:
+                # Docker ignores filesystems (and xattr namespaces) that refuse xattrs.
+                if err.errno not in (errno.ENOTSUP, errno.EPERM):
+                    raise
+
+    def finish(self) -> None:
+        """Directory times last: creating entries inside would have changed them."""
+        for rel, member in reversed(self.dirs):
+            try:
+                fd = open_dir_in_root(self.root_fd, rel)
+            except OSError:
+                continue  # removed by a later whiteout
+            try:
+                os.utime(fd, ns=_times(member))
+            finally:
+                os.close(fd)
+
+
+def _read(source: IO[bytes]) -> bytes:
+    try:
+        return source.read(_CHUNK)
+    except (tarfile.TarError, EOFError) as err:
+        raise ArchiveError(f"invalid layer tar: {err}") from err
+
+
+def _times(member: tarfile.TarInfo) -> tuple[int, int]:
+    mtime = int(float(member.mtime) * 1e9)
+    atime_text = member.pax_headers.get("atime")
+    atime = int(float(atime_text) * 1e9) if atime_text else mtime
+    return max(atime, mtime), mtime
+
+
+def apply_tar(root: str | os.PathLike[str], stream: IO[bytes]) -> int:
+    """Unpack the uncompressed tar ``stream`` into the layer directory ``root``.
+
+    Returns the sum of the entries' header sizes. Raises :class:`ArchiveError` for a malformed or
+    hostile archive; the caller decides what happens to a partly applied layer.
+    """
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    total = 0
+    try:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|", bufsize=_CHUNK)
+        except tarfile.ReadError as err:
+            if "empty file" in str(err):
+                return 0  # Go's reader accepts an empty stream as an empty layer
+            raise ArchiveError(f"invalid layer tar: {err}") from err
+        unpacker = _Unpacker(root_fd, tar)
+        for member in _members(tar):
+            total += member.size
+            try:
+                unpacker.entry(member)
+            except ArchiveError:
+                raise
+            except OSError as err:
+                raise ArchiveError(f"cannot unpack {member.name!r}: {err.strerror or err}") from err
+        unpacker.finish()
+        return total
+    finally:
+        os.close(root_fd)

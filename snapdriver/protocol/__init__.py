@@ -1,0 +1,1 @@
+"""Docker's GraphDriver plugin protocol: wire types, the aiohttp application, listeners."""

@@ -1,0 +1,210 @@
+"""The aiohttp application that serves Docker's GraphDriver plugin protocol.
+
+Every call is ``POST /<Iface>.<Method>``. Replies are JSON with a trailing newline, except Diff,
+which streams the raw tar. One middleware turns every exception into ``{"Err": "..."}`` with a
+non-200 status, so dockerd always gets a message it can show and never an HTML page or a
+traceback. Requests are served concurrently: dockerd streams a Diff on one connection while it
+sends the same bytes to ApplyDiff on another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from snapdriver.driver import Driver
+from snapdriver.errors import RequestError, SnapdriverError
+from snapdriver.protocol.types import (
+    CONTENT_TYPE,
+    MANIFEST,
+    InitRequest,
+    LayerRequest,
+    decode_object,
+    encode_changes,
+    encode_error,
+)
+from snapdriver.streams import ThreadReader
+
+log = logging.getLogger(__name__)
+DRIVER = web.AppKey("driver", Driver)
+routes = web.RouteTableDef()
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def reply(data: Any, status: int = 200) -> web.Response:
+    """JSON the way Go's encoder writes it: compact, newline-terminated."""
+    body = json.dumps(data, separators=(",", ":")) + "\n"
+    return web.Response(status=status, body=body.encode(), content_type=CONTENT_TYPE)
+
+
+async def _layer_request(request: web.Request) -> LayerRequest:
+    return LayerRequest.decode(decode_object(await request.read()))
+
+
+def _driver(request: web.Request) -> Driver:
+    return request.app[DRIVER]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one place exceptions become protocol errors."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.reason
+        if exc.status in (404, 405):
+            message = f"snapdriver does not serve {request.method} {request.path}"
+        return reply(encode_error(message), exc.status)
+    except SnapdriverError as err:
+        log.info("%s failed: %s", request.path, err)
+        return reply(encode_error(str(err)), err.status)
+    except asyncio.CancelledError:
+        raise
+    except Exception as err:
+        log.exception("unexpected error in %s", request.path)
+        text = f"internal error in {request.path.lstrip('/')}: {type(err).__name__}: {err}"
+        return reply(encode_error(text), 500)
+
+
+@routes.post("/Plugin.Activate")
+async def activate(request: web.Request) -> web.Response:
+    return reply(MANIFEST)
+
+
+@routes.post("/GraphDriver.Init")
+async def init(request: web.Request) -> web.Response:
+    req = InitRequest.decode(decode_object(await request.read()))
+    await _driver(request).init(req.home, req.options, req.uid_maps, req.gid_maps)
+    return reply({})
+
+
+@routes.post("/GraphDriver.Capabilities")
+async def capabilities(request: web.Request) -> web.Response:
+    return reply({"Capabilities": Driver.capabilities()})
+
+
+@routes.post("/GraphDriver.Create")
+async def create(request: web.Request) -> web.Response:
+    req = await _layer_request(request)
+    await _driver(request).create(req.id, req.parent, req.storage_opt)
+    return reply({})
+
+
+@routes.post("/GraphDriver.CreateReadWrite")
+async def create_read_write(request: web.Request) -> web.Response:
+    # Create layers must be writable too (dockerd and BuildKit write into them): same call.
+    return await create(request)
+
+
+@routes.post("/GraphDriver.Remove")
+async def remove(request: web.Request) -> web.Response:
+    req = await _layer_request(request)
+    await _driver(request).remove(req.id)
+    return reply({})
+
+
+@routes.post("/GraphDriver.Get")
+async def get(request: web.Request) -> web.Response:
+    req = await _layer_request(request)
+    path = await _driver(request).get(req.id, req.mount_label)
+    return reply({"Dir": str(path)})
+
+
+@routes.post("/GraphDriver.Put")
+async def put(request: web.Request) -> web.Response:
+    req = await _layer_request(request)
+    await _driver(request).put(req.id)
+    return reply({})
+
+
+@routes.post("/GraphDriver.Exists")
+async def exists(request: web.Request) -> web.Response:
+    req = await _layer_request(request)
+    return reply({"Exists": await _driver(request).exists(req.id)})
+
+
+@routes.post("/GraphDriver.Status")
+async def status(request: web.Request) -> web.Response:
+    pairs = await _driver(request).status()
+    return reply({"Status": [list(p) for p in pairs]})
+
+
+@routes.post("/GraphDriver.GetMetadata")
+async def get_metadata(request: web.Request) -> web.Response:
+    req = await _layer_request(request)
+    return reply({"Metadata": await _driver(request).metadata(req.id)})
+
+
+@routes.post("/GraphDriver.Cleanup")
+async def cleanup(request: web.Request) -> web.Response:
+    await _driver(request).cleanup()
+    return reply({})
+
+
+@routes.post("/GraphDriver.Changes")
+async def changes(request: web.Request) -> web.Response:
+    req = await _layer_request(request)
+    return reply(encode_changes(await _driver(request).changes(req.id, req.parent)))
+
+
+@routes.post("/GraphDriver.DiffSize")
+async def diff_size(request: web.Request) -> web.Response:
+    req = await _layer_request(request)
+    return reply({"Size": await _driver(request).diff_size(req.id, req.parent)})
+
+
+@routes.post("/GraphDriver.ApplyDiff")
+async def apply_diff(request: web.Request) -> web.Response:
+    req = LayerRequest.from_query(request.query)
+    stream = ThreadReader(request.content, asyncio.get_running_loop())
+    try:
+        size = await _driver(request).apply_diff(req.id, req.parent, stream)
+    finally:
+        # Whatever was not consumed (tar padding, or all of it after an error) must be read,
+        # or it would be parsed as the next request on this kept-alive connection.
+        while await request.content.readany():
+            pass
+    return reply({"Size": size})
+
+
+@routes.post("/GraphDriver.Diff")
+async def diff(request: web.Request) -> web.StreamResponse:
+    req = await _layer_request(request)
+    async with _driver(request).diff(req.id, req.parent) as job:
+        response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        try:
+            await job.stream(response.write)
+        except (SnapdriverError, OSError) as err:
+            # The status line is out: the only way left to signal failure is a broken stream.
+            log.error("Diff of %s failed mid-stream: %s", req.id, err)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        await response.write_eof()
+        return response
+
+
+def create_app(driver: Driver) -> web.Application:
+    """The application factory: routes, the error middleware and the driver as typed state."""
+    app = web.Application(middlewares=[error_middleware])
+    app[DRIVER] = driver
+    app.add_routes(routes)
+
+    async def lifecycle(app: web.Application) -> Any:
+        yield
+        app[DRIVER].close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+__all__ = ["DRIVER", "RequestError", "create_app", "reply"]

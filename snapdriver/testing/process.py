@@ -1,0 +1,95 @@
+"""Running a real ``snapdriver`` daemon (the CLI, in its own process) for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from snapdriver.protocol.client import PluginClient
+
+
+class PluginProcess:
+    """``python -m snapdriver --backend NAME`` on a private unix socket, restartable."""
+
+    def __init__(
+        self,
+        backend: str,
+        workdir: Path,
+        extra_args: Sequence[str] = (),
+        name: str | None = None,
+        socket_path: Path | None = None,
+    ) -> None:
+        self.backend = backend
+        self.name = name or f"sdtest{uuid.uuid4().hex[:8]}"
+        self.workdir = workdir
+        self.socket = socket_path or workdir / f"{self.name}.sock"
+        self.state_dir = workdir / "state"
+        self.log_path = workdir / "plugin.log"
+        self.extra_args = list(extra_args)
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"unix://{self.socket}"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "snapdriver", "--backend", self.backend, "--name", self.name,
+            "--listen", self.address, "--state-dir", str(self.state_dir), "--log-level", "debug",
+            *self.extra_args,
+        ]
+
+    def start(self, timeout: float = 30.0) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
+        self._proc = subprocess.Popen(self.command(), stdout=log, stderr=log, env=os.environ.copy())
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"snapdriver exited early:\n{self.log_tail()}")
+            if self.socket.exists():
+                try:
+                    with PluginClient(self.address, timeout=2) as client:
+                        client.call("Plugin.Activate")
+                    return
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError(f"snapdriver did not start in {timeout}s:\n{self.log_tail()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self._proc is None:
+            return None
+        if self._proc.poll() is None:
+            self._proc.send_signal(sig)
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        code = self._proc.returncode
+        self._proc = None
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up at all, as in a crash."""
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def client(self) -> PluginClient:
+        return PluginClient(self.address)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
