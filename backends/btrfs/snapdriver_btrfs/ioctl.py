@@ -34,11 +34,12 @@ _QGROUP_CREATE_ARGS = struct.Struct("<QQ")  # create, qgroupid
 _QGROUP_LIMIT_ARGS = struct.Struct("<QQQQQQ")  # qgroupid, flags, max_rfer, max_excl, rsv_*
 _SEARCH_KEY = struct.Struct("<7Q4I32x")  # tree, min/max objectid, offset, transid; types, count
 _SEARCH_HEADER = struct.Struct("<QQQII")  # transid, objectid, offset, type, len
-_SEARCH_ARGS_SIZE = 4096
+_SEARCH_V2_FIXED = _SEARCH_KEY.size + 8  # the key, u64 buf_size, then the result buffer
+_SEARCH_BUFFER = 64 * 1024  # an item is at most a leaf (nodesize is at most 64 KiB)
 _INO_LOOKUP_SIZE = 4096  # u64 treeid, u64 objectid, char name[4080]
 _FS_INFO_SIZE = 1024
 
-IOC_TREE_SEARCH = _ioc(_IOC_READ | _IOC_WRITE, 17, _SEARCH_ARGS_SIZE)
+IOC_TREE_SEARCH_V2 = _ioc(_IOC_READ | _IOC_WRITE, 17, _SEARCH_V2_FIXED)
 IOC_INO_LOOKUP = _ioc(_IOC_READ | _IOC_WRITE, 18, _INO_LOOKUP_SIZE)
 IOC_FS_INFO = _ioc(_IOC_READ, 31, _FS_INFO_SIZE)
 IOC_INO_PATHS = _ioc(_IOC_READ | _IOC_WRITE, 35, _INO_PATH_ARGS.size)
@@ -286,21 +287,23 @@ def _tree_search(
     low: tuple[int, int, int],
     high: tuple[int, int, int],
 ) -> Iterator[tuple[int, int, int, bytes]]:
-    """Items ``(objectid, type, offset, data)`` with keys in [low, high] (``TREE_SEARCH``).
+    """Items ``(objectid, type, offset, data)`` with keys in [low, high] (``TREE_SEARCH_V2``).
 
     ``tree`` 0 is the subvolume of ``fd``. Keys compare as (objectid, type, offset) tuples; the
-    search resumes after the last key returned until a call returns nothing.
+    search resumes after the last key returned until a call returns nothing. Version 1 of the
+    ioctl has a 4 KiB buffer and returns bigger items (an inode's refs, for one) empty.
     """
     while True:
-        args = bytearray(_SEARCH_ARGS_SIZE)
+        args = bytearray(_SEARCH_V2_FIXED + _SEARCH_BUFFER)
         _SEARCH_KEY.pack_into(
             args, 0, tree, low[0], high[0], low[2], high[2], 0, _U64_MAX, low[1], high[1], 4096, 0
         )
-        _call(fd, IOC_TREE_SEARCH, args, "BTRFS_IOC_TREE_SEARCH", path)
+        struct.pack_into("<Q", args, _SEARCH_KEY.size, _SEARCH_BUFFER)
+        _call(fd, IOC_TREE_SEARCH_V2, args, "BTRFS_IOC_TREE_SEARCH_V2", path)
         count = struct.unpack_from("<I", args, 7 * 8 + 8)[0]
         if count == 0:
             return
-        pos = _SEARCH_KEY.size
+        pos = _SEARCH_V2_FIXED
         key = low
         for _ in range(count):
             _, objectid, offset, kind, length = _SEARCH_HEADER.unpack_from(args, pos)
@@ -350,11 +353,11 @@ def disable_quota(path: Path | str) -> None:
 def quota_enabled(path: Path | str) -> bool:
     """Whether quota groups are on for the filesystem holding ``path``.
 
-    Reads the qgroup status item from the quota tree (``BTRFS_IOC_TREE_SEARCH``); that tree only
-    exists while quotas are enabled.
+    Reads the qgroup status item from the quota tree (``BTRFS_IOC_TREE_SEARCH_V2``); that tree
+    only exists while quotas are enabled.
     """
     key = (0, _QGROUP_STATUS_KEY, 0)
-    with _opened(path, "BTRFS_IOC_TREE_SEARCH") as fd:
+    with _opened(path, "BTRFS_IOC_TREE_SEARCH_V2") as fd:
         try:
             items = list(_tree_search(fd, path, _QUOTA_TREE_OBJECTID, key, key))
         except FileNotFoundError:

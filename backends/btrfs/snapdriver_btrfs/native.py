@@ -8,9 +8,11 @@ nodes remember their original path, which turns the stream into a set of candida
 candidate is then judged by Docker's own rule on the two read-only snapshots
 (:func:`snapdriver.layers.changes.changes_from_candidates`), so the result equals the tree walk.
 
-One deliberate difference: a regular file whose data the stream rewrote is reported as modified
-even when Docker's size-and-mtime rule cannot see it (same size, same second, old mtime with zero
-nanoseconds). The walk is blind there; the stream is not.
+One deliberate difference: a regular file whose data the stream rewrote in place (same inode in
+both trees) is reported as modified even when Docker's size-and-mtime rule cannot see it (same
+size, same second, old mtime with zero nanoseconds). The walk is blind there; the stream is not.
+A file replaced by a new inode (``cp -p``, a tar extraction) keeps Docker's verdict: its mtime
+was set on purpose, and reporting it would diverge from Docker where Docker is not wrong.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ from snapdriver.layers.changes import (
 from snapdriver_btrfs import ioctl
 from snapdriver_btrfs.sendstream import Attr, Cmd, Command, SendStreamError, parse_stream
 
-__all__ = ["SendStreamError", "native_changes", "stream_candidates"]
+__all__ = ["Candidates", "SendStreamError", "Touched", "native_changes", "stream_candidates"]
+
+_SUBVOLUME_ROOT_INO = 256
+_EMPTY_SUBVOLUME_INO = 2  # what a nested subvolume looks like inside a snapshot
 
 _CREATE = frozenset({Cmd.MKFILE, Cmd.MKDIR, Cmd.MKNOD, Cmd.MKFIFO, Cmd.MKSOCK, Cmd.SYMLINK})
 _DATA = frozenset(
@@ -61,10 +66,15 @@ def native_changes(layer_ro: Path, parent_ro: Path) -> list[Change]:
     found = stream_candidates(parse_stream(stream))
     candidates = set(found.candidates)
     written: set[str] = set()
-    for path, is_data in found.touched.items():
-        names = _other_names(layer_ro, path)
+    for touched in found.touched:
+        if _is_real_dir(layer_ro, touched.path):
+            candidates.update(_subvolume_entries(layer_ro, touched.path))
+            if touched.orig is not None and _is_real_dir(parent_ro, touched.orig):
+                candidates.update(_subvolume_entries(parent_ro, touched.orig))
+            continue
+        names = _other_names(layer_ro, touched.path)
         candidates.update(names)
-        if is_data:
+        if touched.rewritten:
             written.update(names)
     for final, orig in found.moved:
         candidates.update(_moved_subtree(layer_ro, parent_ro, final, orig))
@@ -72,17 +82,28 @@ def native_changes(layer_ro: Path, parent_ro: Path) -> list[Change]:
     return _with_rewrites(layer_ro, parent_ro, changes, written)
 
 
+@dataclass(frozen=True, slots=True)
+class Touched:
+    """An entry whose inode the stream changed: its final path ("/" for the root), its original
+    path (None if new), and whether its file data was rewritten in place (neither renamed nor
+    replaced)."""
+
+    path: str
+    orig: str | None
+    rewritten: bool
+
+
 @dataclass
 class Candidates:
     """What a replayed stream says about the layer, in layer paths (``/etc/hosts``).
 
-    ``candidates``: paths that may differ. ``touched``: final paths of entries whose inode the
-    stream changed, mapped to whether their file data was written. ``moved``: ``(final, orig)``
-    of every entry renamed by the stream, whose subtree may need a closer look.
+    ``candidates``: paths that may differ. ``touched``: entries whose inode changed.
+    ``moved``: ``(final, orig)`` of every entry renamed by the stream, whose subtree may need a
+    closer look.
     """
 
     candidates: set[str] = field(default_factory=set)
-    touched: dict[str, bool] = field(default_factory=dict)
+    touched: list[Touched] = field(default_factory=list)
     moved: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -214,6 +235,8 @@ class _Replay:
     def result(self) -> Candidates:
         """Candidates from the final virtual tree and the removed original paths."""
         found = Candidates(candidates=set(self.removed))
+        if self.root.touched:
+            found.touched.append(Touched("/", "/", rewritten=False))
         stack = [(kid, "/" + name) for name, kid in self.root.kids.items()]
         while stack:
             node, path = stack.pop()
@@ -225,7 +248,7 @@ class _Replay:
                     found.moved.append((path, node.orig))
             if node.touched:
                 found.candidates.add(path)
-                found.touched[path] = node.data
+                found.touched.append(Touched(path, node.orig, node.data and node.orig == path))
             stack.extend((kid, f"{path}/{name}") for name, kid in node.kids.items())
         return found
 
@@ -242,6 +265,21 @@ def _other_names(layer: Path, path: str) -> list[str]:
         return [path, *ioctl.inode_paths(layer, st.st_ino)]
     except OSError as err:
         raise SendStreamError(f"cannot list the names of {path}: {err}") from err
+
+
+def _subvolume_entries(root: Path, directory: str) -> Iterator[str]:
+    """Entries of ``directory`` that are other subvolumes, which send never mentions.
+
+    A live nested subvolume's root is inode 256; in a snapshot it is an empty directory with
+    inode 2. Only directory entries are stat'ed (readdir reports the subvolume id as d_ino).
+    """
+    prefix = directory.rstrip("/")
+    with os.scandir(f"{root}{prefix}/") as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False) and entry.stat(
+                follow_symlinks=False
+            ).st_ino in (_EMPTY_SUBVOLUME_INO, _SUBVOLUME_ROOT_INO):
+                yield f"{prefix}/{entry.name}"
 
 
 def _moved_subtree(layer: Path, parent: Path, final: str, orig: str) -> Iterator[str]:
@@ -288,19 +326,26 @@ def _is_real_dir(root: Path, path: str) -> bool:
     return st is not None and stat.S_ISDIR(st.st_mode)
 
 
-def _is_regular(root: Path, path: str) -> bool:
-    st = _lstat_inside(root, path)
-    return st is not None and stat.S_ISREG(st.st_mode)
+def _same_regular_file(layer: Path, parent: Path, path: str) -> bool:
+    """Whether ``path`` is the same regular file (inode) in both trees; snapshots keep inodes."""
+    new, old = _lstat_inside(layer, path), _lstat_inside(parent, path)
+    return (
+        new is not None
+        and old is not None
+        and stat.S_ISREG(new.st_mode)
+        and stat.S_ISREG(old.st_mode)
+        and new.st_ino == old.st_ino
+    )
 
 
 def _with_rewrites(
     layer: Path, parent: Path, changes: list[Change], written: set[str]
 ) -> list[Change]:
-    """Add a Modify for each rewritten regular file the stat rule let through."""
+    """Add a Modify for each regular file rewritten in place that the stat rule let through."""
     reported = {change.path for change in changes}
     extra = [
         Change(path, ChangeKind.MODIFY)
         for path in written - reported
-        if _is_regular(layer, path) and _is_regular(parent, path)
+        if _same_regular_file(layer, parent, path)
     ]
     return with_ancestors([*changes, *extra]) if extra else changes
