@@ -29,8 +29,17 @@ log = logging.getLogger("snapdriver")
 
 #: dockerd picks its own driver of these names and never asks a plugin.
 BUILTIN_DRIVERS = frozenset(
-    {"aufs", "btrfs", "devicemapper", "fuse-overlayfs", "overlay", "overlay2", "vfs", "zfs",
-     "windowsfilter"}
+    {
+        "aufs",
+        "btrfs",
+        "devicemapper",
+        "fuse-overlayfs",
+        "overlay",
+        "overlay2",
+        "vfs",
+        "zfs",
+        "windowsfilter",
+    }
 )
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
@@ -44,7 +53,8 @@ def base_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list-backends", action="store_true", help="list backends and exit")
     parser.add_argument("--version", action="version", version=f"snapdriver {__version__}")
     parser.add_argument(
-        "--name", default="snapdriver",
+        "--name",
+        default="snapdriver",
         help="plugin name: dockerd --storage-driver NAME (default: snapdriver)",
     )
     parser.add_argument(
@@ -53,7 +63,8 @@ def base_parser() -> argparse.ArgumentParser:
         "(default: unix:///run/docker/plugins/NAME.sock)",
     )
     parser.add_argument(
-        "--state-dir", type=Path,
+        "--state-dir",
+        type=Path,
         help="where the last Init is kept (default: /var/lib/snapdriver/NAME)",
     )
     parser.add_argument("--socket-group", help="group allowed to use the socket (mode 0660)")
@@ -64,7 +75,9 @@ def base_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-client-cert", type=Path, help="client cert dockerd presents")
     parser.add_argument("--tls-client-key", type=Path, help="client key dockerd presents")
     parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"],
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
     )
     return parser
 
@@ -89,8 +102,9 @@ def _tls(args: argparse.Namespace) -> TLSFiles | None:
         return None
     if not all(given):
         raise SnapdriverError("TLS needs all of --tls-cert, --tls-key and --tls-ca")
-    return TLSFiles(args.tls_cert, args.tls_key, args.tls_ca, args.tls_client_cert,
-                    args.tls_client_key)
+    return TLSFiles(
+        args.tls_cert, args.tls_key, args.tls_ca, args.tls_client_cert, args.tls_client_key
+    )
 
 
 def _group(name: str | None) -> int | None:
@@ -109,11 +123,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if early.list_backends:
         return _list_backends()
     if not early.backend:
-        return _fail("--backend is required (installed: "
-                     f"{', '.join(sorted(installed_backends())) or 'none'})")
+        return _fail(
+            "--backend is required (installed: "
+            f"{', '.join(sorted(installed_backends())) or 'none'})"
+        )
     if early.name in BUILTIN_DRIVERS or not _NAME.fullmatch(early.name):
-        return _fail(f"--name {early.name!r} is not usable: dockerd would pick its own driver "
-                     "of that name, or it is not a lowercase name")
+        return _fail(
+            f"--name {early.name!r} is not usable: dockerd would pick its own driver "
+            "of that name, or it is not a lowercase name"
+        )
     try:
         backend = Backend.load(early.backend)
         backend.add_options(parser)
@@ -143,8 +161,14 @@ async def _serve(backend: Backend, args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     app = create_app(driver)
-    async with serving(app, args.name, listen, group=_group(args.socket_group), tls=_tls(args),
-                       spec_dir=args.spec_dir) as where:
+    async with serving(
+        app,
+        args.name,
+        listen,
+        group=_group(args.socket_group),
+        tls=_tls(args),
+        spec_dir=args.spec_dir,
+    ) as where:
         log.info("serving backend %s on %s (state in %s)", backend.name, where, state_dir)
         await stop.wait()
     log.info("stopped")

@@ -108,8 +108,11 @@ class Driver:
         return True
 
     async def init(
-        self, home: str, options: Sequence[str], uid_maps: Sequence[object] = (),
-        gid_maps: Sequence[object] = ()
+        self,
+        home: str,
+        options: Sequence[str],
+        uid_maps: Sequence[object] = (),
+        gid_maps: Sequence[object] = (),
     ) -> None:
         if uid_maps or gid_maps:
             raise ConfigError("user-namespace remapping (userns-remap) is not supported")
@@ -321,8 +324,9 @@ class Driver:
         async with self._locked(layer):
             record = self._require(layer)
             if parent and record.parent != parent:
-                log.warning("ApplyDiff %s: parent %s differs from recorded %s", layer, parent,
-                            record.parent)
+                log.warning(
+                    "ApplyDiff %s: parent %s differs from recorded %s", layer, parent, record.parent
+                )
             self.store.set_status(layer, Status.APPLYING)
             self._internal_refs[layer] += 1
             try:

@@ -1,8 +1,8 @@
 """The exception tree.
 
-Every error snapdriver raises on purpose derives from :class:`SnapdriverError`. The protocol layer
-turns each into Docker's ``{"Err": "..."}`` reply with the class's ``status``; anything else is a bug
-and is answered with status 500 and a one-line message, never a traceback.
+Every error snapdriver raises on purpose derives from :class:`SnapdriverError`. The protocol
+layer turns each into Docker's ``{"Err": "..."}`` reply with the class's ``status``; anything
+else is a bug and is answered with status 500 and a one-line message, never a traceback.
 """
 
 from __future__ import annotations

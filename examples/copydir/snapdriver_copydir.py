@@ -41,7 +41,9 @@ class CopyDirBackend:
             return
         done = subprocess.run(
             ["cp", "-a", "--reflink=auto", str(self.path(request.parent)), str(target)],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if done.returncode != 0:
             shutil.rmtree(target, ignore_errors=True)

@@ -60,7 +60,7 @@ def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
             raise ArchiveError(f"invalid layer tar: {err}") from err
         if member is None:
             return
-        tar.members.clear()
+        tar.members.clear()  # type: ignore[attr-defined]
         yield member
 
 
@@ -218,8 +218,9 @@ class _Unpacker:
                 continue
             name = key[len(_XATTR_PREFIX) :]
             try:
-                os.setxattr(path, name, value.encode("utf-8", "surrogateescape"),
-                            follow_symlinks=False)
+                os.setxattr(
+                    path, name, value.encode("utf-8", "surrogateescape"), follow_symlinks=False
+                )
             except OSError as err:
                 # Docker ignores filesystems (and xattr namespaces) that refuse xattrs.
                 if err.errno not in (errno.ENOTSUP, errno.EPERM):
@@ -262,7 +263,7 @@ def apply_tar(root: str | os.PathLike[str], stream: IO[bytes]) -> int:
     total = 0
     try:
         try:
-            tar = tarfile.open(fileobj=stream, mode="r|", bufsize=_CHUNK)
+            tar = tarfile.open(fileobj=stream, mode="r|", bufsize=_CHUNK)  # noqa: SIM115
         except tarfile.ReadError as err:
             if "empty file" in str(err):
                 return 0  # Go's reader accepts an empty stream as an empty layer

@@ -271,7 +271,7 @@ def _capability_at(dir_fd: int, base: str) -> bytes | None:
 
 
 def export_changes(root: str | os.PathLike[str], changes: Iterable[Change], sink: Sink) -> None:
-    """Docker's ``ExportChanges``: the entries of ``changes`` (sorted) from the layer at ``root``."""
+    """Docker's ``ExportChanges``: the entries of ``changes``, sorted, from the layer ``root``."""
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     writer = TarWriter(sink)
     try:

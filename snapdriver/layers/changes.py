@@ -75,7 +75,7 @@ def _same_time(old: os.stat_result, new: os.stat_result) -> bool:
     """``sameFsTimeSpec``: nanoseconds count only when both sides have them."""
     old_s, old_ns = divmod(old.st_mtime_ns, 1_000_000_000)
     new_s, new_ns = divmod(new.st_mtime_ns, 1_000_000_000)
-    return old_s == new_s and (old_ns == new_ns or old_ns == 0 or new_ns == 0)
+    return old_s == new_s and (old_ns == new_ns or 0 in (old_ns, new_ns))
 
 
 def read_capability(path: str | Path) -> bytes | None:
@@ -122,7 +122,7 @@ def added_subtree(root: str, path: str) -> Iterator[Change]:
 
 
 def walk_changes(new_root: str | Path, old_root: str | Path | None) -> list[Change]:
-    """Docker's ``ChangesDirs(new, old)``: walk both trees. ``old_root=None`` means an empty tree."""
+    """Docker's ``ChangesDirs(new, old)``: walk both trees; ``old_root=None`` is an empty tree."""
     new_base = os.fspath(new_root)
     if old_root is None:
         return sort_changes(added_subtree(new_base, "/"))
@@ -191,8 +191,8 @@ def changes_from_candidates(
     """
     new_tree, old_tree = _Tree(os.fspath(new_root)), _Tree(os.fspath(old_root))
     todo: set[str] = set()
-    for path in candidates:
-        path = os.path.normpath("/" + path.lstrip("/"))
+    for candidate in candidates:
+        path = os.path.normpath("/" + candidate.lstrip("/"))
         while path != "/" and path not in todo:
             todo.add(path)
             path = os.path.dirname(path)

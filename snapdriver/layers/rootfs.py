@@ -8,6 +8,7 @@ Final path components are never followed: every operation here works on (parent 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -56,10 +57,8 @@ def make_dirs_in_root(root_fd: int, rel: str, mode: int) -> int:
     parent, _, name = rel.rpartition("/")
     parent_fd = make_dirs_in_root(root_fd, parent, mode)
     try:
-        try:
+        with contextlib.suppress(FileExistsError):
             os.mkdir(name, mode, dir_fd=parent_fd)
-        except FileExistsError:
-            pass
         return open_in_root(parent_fd, name, os.O_RDONLY | os.O_DIRECTORY)
     finally:
         os.close(parent_fd)

@@ -66,7 +66,9 @@ class InitRecord:
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError) as err:
-            raise ConfigError(f"{path} is unreadable ({err}); remove it and restart dockerd") from err
+            raise ConfigError(
+                f"{path} is unreadable ({err}); remove it and restart dockerd"
+            ) from err
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -14,7 +14,9 @@ def parse_size(text: str) -> int:
     """Parse a size the way Docker's ``units.RAMInBytes`` does: binary units, ``50M`` = 50 MiB."""
     match = _SIZE.fullmatch(text.strip())
     if not match:
-        raise RequestError(f"invalid size {text!r}: expected a number with an optional unit, e.g. 50M")
+        raise RequestError(
+            f"invalid size {text!r}: expected a number with an optional unit, e.g. 50M"
+        )
     number, unit = match.groups()
     size = int(float(number) * _UNITS[(unit or "").lower()])
     if size <= 0:

@@ -10,6 +10,7 @@ sends the same bytes to ApplyDiff on another.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -98,7 +99,7 @@ async def create(request: web.Request) -> web.Response:
 
 
 @routes.post("/GraphDriver.CreateReadWrite")
-async def create_read_write(request: web.Request) -> web.Response:
+async def create_read_write(request: web.Request) -> web.StreamResponse:
     # Create layers must be writable too (dockerd and BuildKit write into them): same call.
     return await create(request)
 
@@ -163,7 +164,8 @@ async def diff_size(request: web.Request) -> web.Response:
 @routes.post("/GraphDriver.ApplyDiff")
 async def apply_diff(request: web.Request) -> web.Response:
     req = LayerRequest.from_query(request.query)
-    stream = ThreadReader(request.content, asyncio.get_running_loop())
+    raw = ThreadReader(request.content, asyncio.get_running_loop())
+    stream = io.BufferedReader(raw, buffer_size=1 << 20)
     try:
         size = await _driver(request).apply_diff(req.id, req.parent, stream)
     finally:

@@ -165,7 +165,7 @@ async def serving(
                 path.unlink()
 
 
-def _site(
+def _site(  # noqa: PLR0917 - private helper of serving()
     runner: web.AppRunner,
     name: str,
     listen: Listen,

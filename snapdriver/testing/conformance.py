@@ -52,6 +52,14 @@ def add_many_files(root: Path, count: int, seed: int) -> None:
         (directory / f"file-{i}").write_bytes(random_content(64, seed + i))
 
 
+def _write_until_full(path: Path, size: int) -> None:
+    with open(path, "wb") as handle:
+        for _ in range(size // MiB):
+            handle.write(os.urandom(MiB))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
 class Plugin:
     """A running plugin process with one Init done, and a client to it."""
 
@@ -110,8 +118,7 @@ class Conformance:
         home = snapdriver_home / process.name
         plugin = Plugin(process, home)
         try:
-            init = {"Home": str(home), "Opts": cls.init_options, "UIDMaps": None,
-                    "GIDMaps": None}
+            init = {"Home": str(home), "Opts": cls.init_options, "UIDMaps": None, "GIDMaps": None}
             plugin.client.call("GraphDriver.Init", init)
             yield plugin
             leftovers = plugin.call("Status")
@@ -187,8 +194,10 @@ class Conformance:
             assert stat.S_ISREG(data.st_mode)
             assert stat.S_IMODE(data.st_mode) == 0o222 | stat.S_ISUID
             assert (data.st_uid, data.st_gid) == (0, 0)
-            assert sorted(p for p in os.listdir(root) if p != "lost+found") == ["a file",
-                                                                                "a subdir"]
+            assert sorted(p for p in os.listdir(root) if p != "lost+found") == [
+                "a file",
+                "a subdir",
+            ]
         finally:
             plugin.put(layer)
 
@@ -317,12 +326,8 @@ class Conformance:
             root = plugin.get(layer)
             try:
                 (root / "smallfile").write_bytes(b"\0" * 25 * MiB)
-                with pytest.raises(OSError) as caught:
-                    with open(root / "bigfile", "wb") as handle:
-                        for _ in range(50):
-                            handle.write(os.urandom(MiB))
-                            handle.flush()
-                            os.fsync(handle.fileno())
+                with pytest.raises(OSError, match=r"quota|space") as caught:
+                    _write_until_full(root / "bigfile", 50 * MiB)
                 assert caught.value.errno in (122, 28)  # EDQUOT, ENOSPC
             finally:
                 plugin.put(layer)

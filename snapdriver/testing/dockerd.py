@@ -17,8 +17,30 @@ from collections.abc import Sequence
 from pathlib import Path
 
 BUSYBOX = Path("/bin/busybox")
-APPLETS = ("sh", "ls", "cat", "echo", "mkdir", "rm", "touch", "sleep", "true", "chmod", "ln",
-           "cp", "mv", "dd", "head", "wc", "find", "stat", "sync", "env", "seq", "xargs")
+APPLETS = (
+    "sh",
+    "ls",
+    "cat",
+    "echo",
+    "mkdir",
+    "rm",
+    "touch",
+    "sleep",
+    "true",
+    "chmod",
+    "ln",
+    "cp",
+    "mv",
+    "dd",
+    "head",
+    "wc",
+    "find",
+    "stat",
+    "sync",
+    "env",
+    "seq",
+    "xargs",
+)
 
 
 def docker_cli() -> str:
@@ -55,7 +77,10 @@ class Dockerd:
     """``dockerd --experimental`` with a private root; :meth:`docker` runs the CLI against it."""
 
     def __init__(
-        self, workdir: Path, storage_driver: str, data_root: Path | None = None,
+        self,
+        workdir: Path,
+        storage_driver: str,
+        data_root: Path | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
         self.workdir = workdir
@@ -71,10 +96,22 @@ class Dockerd:
     def start(self, timeout: float = 60.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         command = [
-            "dockerd", "--experimental", "--storage-driver", self.storage_driver,
-            "--data-root", str(self.data_root), "--exec-root", str(self.exec_root),
-            "-H", self.host, "--pidfile", str(self.pidfile), "--iptables=false",
-            "--ip6tables=false", "--bridge=none", *self.extra_args,
+            "dockerd",
+            "--experimental",
+            "--storage-driver",
+            self.storage_driver,
+            "--data-root",
+            str(self.data_root),
+            "--exec-root",
+            str(self.exec_root),
+            "-H",
+            self.host,
+            "--pidfile",
+            str(self.pidfile),
+            "--iptables=false",
+            "--ip6tables=false",
+            "--bridge=none",
+            *self.extra_args,
         ]
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
         self._proc = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
@@ -108,13 +145,18 @@ class Dockerd:
         self, *args: str, check: bool = True, timeout: float = 300
     ) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
-            [docker_cli(), "-H", self.host, *args], stdin=subprocess.DEVNULL,
-            capture_output=True, text=True, timeout=timeout, check=False,
+            [docker_cli(), "-H", self.host, *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
             env={**os.environ, "DOCKER_CONFIG": str(self.workdir / "cli")},
         )
         if check and done.returncode != 0:
-            raise RuntimeError(f"docker {' '.join(args)} failed ({done.returncode}): "
-                               f"{done.stderr.strip()}")
+            raise RuntimeError(
+                f"docker {' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}"
+            )
         return done
 
     def import_busybox(self, tag: str) -> None:

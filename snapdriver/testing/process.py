@@ -40,8 +40,19 @@ class PluginProcess:
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "snapdriver", "--backend", self.backend, "--name", self.name,
-            "--listen", self.address, "--state-dir", str(self.state_dir), "--log-level", "debug",
+            sys.executable,
+            "-m",
+            "snapdriver",
+            "--backend",
+            self.backend,
+            "--name",
+            self.name,
+            "--listen",
+            self.address,
+            "--state-dir",
+            str(self.state_dir),
+            "--log-level",
+            "debug",
             *self.extra_args,
         ]
 

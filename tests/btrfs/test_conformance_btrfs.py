@@ -46,6 +46,8 @@ class TestBtrfsConformance(Conformance):
         plugin.remove("sv-base")
         listing = subprocess.run(
             ["btrfs", "subvolume", "list", "-o", str(plugin.home / "subvolumes")],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         assert "sv-base" not in listing and "sv-child" not in listing

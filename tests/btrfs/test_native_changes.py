@@ -18,12 +18,13 @@ import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from snapdriver.layers.changes import Change, ChangeKind, walk_changes
+from snapdriver.layers.changes import Change, walk_changes
 from snapdriver.testing.loopfs import can_make_loop_filesystems, loop_filesystem
 
 btrfsutil = pytest.importorskip("btrfsutil", reason="python3-btrfsutil is needed for subvolumes")
@@ -108,15 +109,24 @@ def render(changes: list[Change]) -> list[str]:
 
 
 def write(path: Path, data: bytes | str = b"x", mode: int | None = None) -> None:
+    """Create or overwrite a regular file, never through a symlink."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    put(path, data.encode() if isinstance(data, str) else data, os.O_CREAT | os.O_TRUNC)
     if mode is not None:
         path.chmod(mode)
 
 
 def append(path: Path, data: bytes) -> None:
-    with open(path, "ab") as handle:
-        handle.write(data)
+    put(path, data, os.O_APPEND)
+
+
+def put(path: Path, data: bytes, flags: int) -> None:
+    """Write with ``O_NOFOLLOW``: these trees hold symlinks to absolute paths."""
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | flags, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 def capability(raw_caps: int) -> bytes:
@@ -340,7 +350,7 @@ def test_file_to_dir_and_dir_to_file(btrfs_root: Path) -> None:
         (c / "sym2dir").unlink()
         write(c / "sym2dir/in", "in\n")
         shutil.rmtree(c / "d2sym")
-        os.symlink("/etc", c / "d2sym")
+        os.symlink("/nonexistent-snapdriver-test", c / "d2sym")
 
     native = compare(btrfs_root, build, edit)
     assert "C /d2f" in render(native)
@@ -514,6 +524,8 @@ def test_no_changes(btrfs_root: Path) -> None:
 
 NAMES = ["a", "b", "c", "o257-7-0", "x y", os.fsdecode(b"\xff")]
 CONTENTS = [b"", b"1", b"22", b"33", b"4444", b"hello world"]
+# The absolute target does not exist on any host: even a stray follow could not write through it.
+SYMLINK_TARGETS = ["a", "../b", "/nonexistent-snapdriver-test/x", "x y/c"]
 MODES = [0o600, 0o644, 0o755, 0o4755]
 # None of these share a second with PARENT_MTIME_NS, so a rewrite always moves mtime.
 EDIT_MTIMES_NS = [1_500_000_000 * 10**9, 1_700_000_000_250_000_000, 1_600_000_001 * 10**9]
@@ -532,8 +544,47 @@ OPS = [
     "truncate",
     "utime",
     "xattr",
+    "swap",
+    "replace",
 ]
-CREATE_OPS = ["file", "file", "mkdir", "mkdir", "symlink", "hardlink", "special"]
+PARENT_EXTRA_OPS = ["hardlink", "hardlink", "chmod", "chown", "xattr", "special"]
+SPECIALS = [
+    (stat.S_IFIFO, 0),
+    (stat.S_IFSOCK, 0),
+    (stat.S_IFCHR, os.makedev(1, 3)),
+    (stat.S_IFBLK, os.makedev(7, 0)),
+]
+LEAVES = st.one_of(
+    st.tuples(st.just("file"), st.sampled_from(CONTENTS)),
+    st.tuples(st.just("symlink"), st.sampled_from(SYMLINK_TARGETS)),
+    st.tuples(st.just("special"), st.sampled_from(range(len(SPECIALS)))),
+)
+TREES = st.dictionaries(
+    st.sampled_from(NAMES),
+    st.recursive(
+        LEAVES,
+        lambda kids: st.tuples(st.just("dir"), st.dictionaries(st.sampled_from(NAMES), kids)),
+        max_leaves=25,
+    ),
+    min_size=1,
+)
+
+
+def make_tree(directory: Path, tree: dict[str, Any]) -> None:
+    """Materialise a drawn tree: name -> ("dir", {...}) | ("file", bytes) | ("symlink", target)
+    | ("special", index into SPECIALS)."""
+    for name, (kind, value) in tree.items():
+        path = directory / name
+        if kind == "dir":
+            path.mkdir()
+            make_tree(path, value)
+        elif kind == "file":
+            put(path, value, os.O_CREAT | os.O_EXCL)
+        elif kind == "symlink":
+            os.symlink(value, path)
+        else:
+            mode, device = SPECIALS[value]
+            os.mknod(path, mode | 0o644, device)
 
 
 def entries(root: Path) -> list[str]:
@@ -552,7 +603,9 @@ def directories(root: Path) -> list[str]:
 def apply_random_edit(root: Path, data: st.DataObject, op: str) -> None:
     """One random filesystem operation; impossible ones (rename into itself, ...) are no-ops."""
     existing = entries(root)
-    target = root / data.draw(st.sampled_from(directories(root))) / data.draw(st.sampled_from(NAMES))
+    target = (
+        root / data.draw(st.sampled_from(directories(root))) / data.draw(st.sampled_from(NAMES))
+    )
     try:
         _apply(root, data, op, existing, target)
     except (FileExistsError, IsADirectoryError, NotADirectoryError, FileNotFoundError):
@@ -564,14 +617,14 @@ def apply_random_edit(root: Path, data: st.DataObject, op: str) -> None:
 
 def _apply(root: Path, data: st.DataObject, op: str, existing: list[str], target: Path) -> None:
     if op == "file":
-        target.write_bytes(data.draw(st.sampled_from(CONTENTS)))
+        put(target, data.draw(st.sampled_from(CONTENTS)), os.O_CREAT | os.O_EXCL)
     elif op == "mkdir":
         target.mkdir()
     elif op == "symlink":
-        os.symlink(data.draw(st.sampled_from(["a", "../b", "/etc/passwd", "x y/c"])), target)
+        os.symlink(data.draw(st.sampled_from(SYMLINK_TARGETS)), target)
     elif op == "special":
-        kind = data.draw(st.sampled_from([stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR]))
-        os.mknod(target, kind | 0o644, os.makedev(1, data.draw(st.sampled_from([3, 5]))))
+        kind, device = data.draw(st.sampled_from(SPECIALS))
+        os.mknod(target, kind | 0o644, device)
     elif not existing:
         return
     else:
@@ -580,10 +633,21 @@ def _apply(root: Path, data: st.DataObject, op: str, existing: list[str], target
 
 def _apply_to_existing(root: Path, data: st.DataObject, op: str, path: Path, target: Path) -> None:
     mode = os.lstat(path).st_mode
-    if op == "hardlink" and not stat.S_ISDIR(mode):
+    if op in ("swap", "replace"):
+        other = root / data.draw(st.sampled_from(entries(root)))
+        if path == other or path in other.parents or other in path.parents:
+            return
+        if op == "swap":  # what renameat2(RENAME_EXCHANGE) would do, in three renames
+            os.rename(path, root / ".swap")
+            os.rename(other, path)
+            os.rename(root / ".swap", other)
+        else:  # the adversarial `rm -rf other; mv path other`
+            remove(other)
+            os.rename(path, other)
+    elif op == "hardlink" and not stat.S_ISDIR(mode):
         os.link(path, target, follow_symlinks=False)
     elif op == "remove":
-        shutil.rmtree(path) if stat.S_ISDIR(mode) else path.unlink()
+        remove(path)
     elif op == "rename":
         os.rename(path, target)
     elif op == "chmod" and not stat.S_ISLNK(mode):
@@ -598,20 +662,32 @@ def _apply_to_existing(root: Path, data: st.DataObject, op: str, path: Path, tar
         _apply_to_file(data, op, path)
 
 
+def remove(path: Path) -> None:
+    if stat.S_ISDIR(os.lstat(path).st_mode):
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
 def _apply_to_file(data: st.DataObject, op: str, path: Path) -> None:
+    """Edit a regular file (checked with lstat by the caller; nothing here follows a link)."""
     if op == "write":
-        path.write_bytes(data.draw(st.sampled_from(CONTENTS)))
+        put(path, data.draw(st.sampled_from(CONTENTS)), os.O_TRUNC)
     elif op == "append":
         append(path, data.draw(st.sampled_from(CONTENTS[1:])))
     elif op == "truncate":
-        os.truncate(path, data.draw(st.sampled_from([0, 1, 3, 20])))
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, data.draw(st.sampled_from([0, 1, 3, 20])))
+        finally:
+            os.close(fd)
     elif op == "xattr":
         caps = data.draw(st.sampled_from([None, CAP_NET_RAW, CAP_NET_BIND]))
         if caps is None:
             with contextlib.suppress(OSError):
-                os.removexattr(path, "security.capability")
+                os.removexattr(path, "security.capability", follow_symlinks=False)
         else:
-            os.setxattr(path, "security.capability", capability(caps))
+            os.setxattr(path, "security.capability", capability(caps), follow_symlinks=False)
 
 
 @settings(
@@ -623,10 +699,12 @@ def _apply_to_file(data: st.DataObject, op: str, path: Path) -> None:
 @given(data=st.data())
 def test_random_trees_and_edits_match_the_walk(btrfs_root: Path, data: st.DataObject) -> None:
     """Random parent trees, random edit sequences: native_changes == walk_changes, exactly."""
-    parent_ops = data.draw(st.lists(st.sampled_from(CREATE_OPS), max_size=25), label="parent")
-    child_ops = data.draw(st.lists(st.sampled_from(OPS), min_size=1, max_size=15), label="child")
+    tree = data.draw(TREES, label="parent tree")
+    parent_ops = data.draw(st.lists(st.sampled_from(PARENT_EXTRA_OPS), max_size=6), label="parent")
+    child_ops = data.draw(st.lists(st.sampled_from(OPS), min_size=5, max_size=25), label="child")
 
     def build(p: Path) -> None:
+        make_tree(p, tree)
         for op in parent_ops:
             apply_random_edit(p, data, op)
 

@@ -43,11 +43,13 @@ def subvolumes(home: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def env(btrfs_mount: Path, dockerd_available: None, tmp_path_factory: pytest.TempPathFactory
-        ) -> Iterator[Env]:
+def env(
+    btrfs_mount: Path, dockerd_available: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Env]:
     workdir = tmp_path_factory.mktemp("e2e")
-    plugin = PluginProcess("btrfs", workdir / "plugin", name=NAME,
-                           socket_path=Path(f"/run/docker/plugins/{NAME}.sock"))
+    plugin = PluginProcess(
+        "btrfs", workdir / "plugin", name=NAME, socket_path=Path(f"/run/docker/plugins/{NAME}.sock")
+    )
     (workdir / "plugin").mkdir()
     plugin.start()
     dockerd = Dockerd(workdir / "dockerd", NAME, data_root=btrfs_mount / "e2e-docker")
@@ -66,8 +68,14 @@ def test_info_shows_the_plugin(env: Env) -> None:
 
 
 def test_run_diff_and_inspect(env: Env) -> None:
-    out = env.run("--name", "c1", "bb:1", "sh", "-c",
-                  "echo hello > /hello; rm /bin/touch; mkdir -p /newdir/sub; echo done")
+    out = env.run(
+        "--name",
+        "c1",
+        "bb:1",
+        "sh",
+        "-c",
+        "echo hello > /hello; rm /bin/touch; mkdir -p /newdir/sub; echo done",
+    )
     assert out.strip() == "done"
     diff = env.docker("diff", "c1").stdout.split("\n")
     assert {"A /hello", "D /bin/touch", "C /bin", "A /newdir", "A /newdir/sub"} <= set(diff)
@@ -79,8 +87,10 @@ def test_run_diff_and_inspect(env: Env) -> None:
 def test_commit_and_run_committed_image(env: Env) -> None:
     env.docker("commit", "c1", "bb:committed")
     assert env.run("--rm", "bb:committed", "cat", "/hello").strip() == "hello"
-    assert env.run("--rm", "bb:committed", "sh", "-c", "test -e /bin/touch || echo gone"
-                   ).strip() == "gone"
+    assert (
+        env.run("--rm", "bb:committed", "sh", "-c", "test -e /bin/touch || echo gone").strip()
+        == "gone"
+    )
 
 
 def test_save_then_load_under_another_tag(env: Env) -> None:
@@ -99,18 +109,34 @@ def test_classic_build_with_run_copy_env(env: Env) -> None:
     (context / "file1.txt").write_text("copied\n")
     (context / "Dockerfile").write_text(
         "FROM bb:1\nRUN mkdir /built && echo from-run > /built/run.txt\n"
-        "COPY file1.txt /built/\nENV GREETING=hi\nCMD [\"cat\", \"/built/file1.txt\"]\n"
+        'COPY file1.txt /built/\nENV GREETING=hi\nCMD ["cat", "/built/file1.txt"]\n'
     )
     done = subprocess.run(
-        ["docker", "-H", env.dockerd.host, "build", "--network", "none", "-t", "bb:built",
-         str(context)], capture_output=True, text=True, env={"DOCKER_BUILDKIT": "0",
-         "PATH": "/usr/bin:/bin:/usr/local/bin", "DOCKER_CONFIG": str(env.workdir / "cli")},
+        [
+            "docker",
+            "-H",
+            env.dockerd.host,
+            "build",
+            "--network",
+            "none",
+            "-t",
+            "bb:built",
+            str(context),
+        ],
+        capture_output=True,
+        text=True,
+        env={
+            "DOCKER_BUILDKIT": "0",
+            "PATH": "/usr/bin:/bin:/usr/local/bin",
+            "DOCKER_CONFIG": str(env.workdir / "cli"),
+        },
         check=False,
     )
     assert done.returncode == 0, done.stderr
     assert env.run("--rm", "bb:built").strip() == "copied"
-    assert env.run("--rm", "bb:built", "sh", "-c", "cat /built/run.txt; echo $GREETING"
-                   ).split() == ["from-run", "hi"]
+    assert env.run(
+        "--rm", "bb:built", "sh", "-c", "cat /built/run.txt; echo $GREETING"
+    ).split() == ["from-run", "hi"]
     layers = env.docker("inspect", "-f", "{{len .RootFS.Layers}}", "bb:built").stdout.strip()
     # FROM's layer + RUN + COPY; ENV and CMD make empty diffs, which dockerd does not store.
     assert layers == "3"

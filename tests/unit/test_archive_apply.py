@@ -29,8 +29,9 @@ def make_tar(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
     return buffer.getvalue()
 
 
-def entry(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", **fields: object
-          ) -> tuple[tarfile.TarInfo, bytes | None]:
+def entry(
+    name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", **fields: object
+) -> tuple[tarfile.TarInfo, bytes | None]:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.size = len(data) if kind == tarfile.REGTYPE else 0
@@ -118,7 +119,9 @@ def test_apply_whiteouts_and_opaque_dirs(tmp_path: Path) -> None:
         ([entry("link", tarfile.LNKTYPE, linkname="missing")], "does not exist"),
     ],
 )
-def test_hostile_entries_are_refused(tmp_path: Path, members: list, message: str) -> None:
+def test_hostile_entries_are_refused(
+    tmp_path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]], message: str
+) -> None:
     layer = tmp_path / "layer"
     layer.mkdir()
     with pytest.raises(ArchiveError, match=message):

@@ -69,8 +69,16 @@ def test_candidates_give_the_walks_answer(tmp_path: Path) -> None:
     build(old)
     copy_tree(old, new)
     edit(new)
-    candidates = ["/dir/file", "/dir/added", "/becomes-dir", "/becomes-file/child",
-                  "/becomes-file", "/dir/sub/leaf", "/dir/sub", "/same"]
+    candidates = [
+        "/dir/file",
+        "/dir/added",
+        "/becomes-dir",
+        "/becomes-file/child",
+        "/becomes-file",
+        "/dir/sub/leaf",
+        "/dir/sub",
+        "/same",
+    ]
     assert changes_from_candidates(new, old, candidates) == walk_changes(new, old)
 
 

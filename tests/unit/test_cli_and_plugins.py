@@ -11,15 +11,19 @@ from pathlib import Path
 import pytest
 
 from snapdriver import hookimpl
-from snapdriver.errors import BackendLoadError
+from snapdriver.errors import BackendLoadError, ConfigError
 from snapdriver.plugins import Backend, load_plugin_manager
 from snapdriver.protocol.serve import Listen, prepare_unix_socket
-from snapdriver.errors import ConfigError
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "snapdriver", *args], capture_output=True,
-                          text=True, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "snapdriver", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_unknown_backend_is_one_line() -> None:
@@ -45,8 +49,14 @@ def test_socket_in_use_is_refused(tmp_path: Path) -> None:
     server.bind(str(path))
     server.listen()
     try:
-        done = cli("--backend", "btrfs", "--listen", f"unix://{path}",
-                   "--state-dir", str(tmp_path / "state"))
+        done = cli(
+            "--backend",
+            "btrfs",
+            "--listen",
+            f"unix://{path}",
+            "--state-dir",
+            str(tmp_path / "state"),
+        )
         assert done.returncode == 2 and "is in use" in done.stderr
     finally:
         server.close()
@@ -66,8 +76,16 @@ def test_stale_socket_is_replaced_but_files_are_not(tmp_path: Path) -> None:
 
 
 def test_plain_tcp_off_loopback_is_refused(tmp_path: Path) -> None:
-    done = cli("--backend", "btrfs", "--listen", "tcp://0.0.0.0:18765", "--state-dir",
-               str(tmp_path / "state"), "--spec-dir", str(tmp_path / "spec"))
+    done = cli(
+        "--backend",
+        "btrfs",
+        "--listen",
+        "tcp://0.0.0.0:18765",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--spec-dir",
+        str(tmp_path / "spec"),
+    )
     assert done.returncode == 2 and "refusing plain TCP" in done.stderr
     assert Listen.parse("tcp://127.0.0.1:9").host == "127.0.0.1"
 

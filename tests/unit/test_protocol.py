@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from snapdriver.driver import Driver
+from snapdriver.errors import RequestError
 from snapdriver.plugins import Backend
 from snapdriver.protocol.app import create_app
 from snapdriver.protocol.types import InitRequest, LayerRequest
-from snapdriver.errors import RequestError
 
 ID = "a" * 64
+Client = TestClient[Any, Any]
 
 
 def run(coro: object) -> object:
@@ -30,13 +31,13 @@ async def with_client(tmp_path: Path, scenario: object) -> object:
         return await scenario(client)  # type: ignore[operator]
 
 
-async def post(client: TestClient, path: str, body: bytes) -> tuple[int, dict]:
+async def post(client: Client, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
     response = await client.post(path, data=body, headers={"Host": ""})
     return response.status, json.loads(await response.read())
 
 
 def test_calls_before_init_get_a_json_error(tmp_path: Path) -> None:
-    async def scenario(client: TestClient) -> None:
+    async def scenario(client: Client) -> None:
         status, body = await post(client, "/GraphDriver.Get", b'{"ID":"%s"}\n' % ID.encode())
         assert status == 503 and "Init" in body["Err"]
 
@@ -60,7 +61,7 @@ def test_calls_before_init_get_a_json_error(tmp_path: Path) -> None:
 def test_malformed_requests_get_json_errors(
     tmp_path: Path, path: str, body: bytes, status: int, text: str
 ) -> None:
-    async def scenario(client: TestClient) -> None:
+    async def scenario(client: Client) -> None:
         got, reply = await post(client, path, body)
         assert got == status and set(reply) == {"Err"} and text in reply["Err"]
 
@@ -70,11 +71,13 @@ def test_malformed_requests_get_json_errors(
 def test_init_with_nulls_then_layer_lifecycle(tmp_path: Path) -> None:
     home = tmp_path / "home"
 
-    async def scenario(client: TestClient) -> None:
+    async def scenario(client: Client) -> None:
         init = {"Home": str(home), "Opts": None, "UIDMaps": None, "GIDMaps": None}
         assert await post(client, "/GraphDriver.Init", json.dumps(init).encode()) == (200, {})
         assert await post(client, "/GraphDriver.Create", b'{"ID":"%s"}\n' % ID.encode()) == (
-            200, {})
+            200,
+            {},
+        )
         status, got = await post(client, "/GraphDriver.Get", b'{"ID":"%s"}' % ID.encode())
         assert status == 200 and Path(got["Dir"]).is_dir()
         response = await client.post(f"/GraphDriver.ApplyDiff?id={ID}&parent=", data=b"")
@@ -87,7 +90,7 @@ def test_init_with_nulls_then_layer_lifecycle(tmp_path: Path) -> None:
 
 
 def test_userns_remap_is_refused_clearly(tmp_path: Path) -> None:
-    async def scenario(client: TestClient) -> None:
+    async def scenario(client: Client) -> None:
         maps = [{"container_id": 0, "host_id": 100000, "size": 65536}]
         init = {"Home": str(tmp_path / "h"), "Opts": [], "UIDMaps": maps, "GIDMaps": maps}
         status, body = await post(client, "/GraphDriver.Init", json.dumps(init).encode())

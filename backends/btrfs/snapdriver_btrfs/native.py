@@ -276,9 +276,10 @@ def _subvolume_entries(root: Path, directory: str) -> Iterator[str]:
     prefix = directory.rstrip("/")
     with os.scandir(f"{root}{prefix}/") as entries:
         for entry in entries:
-            if entry.is_dir(follow_symlinks=False) and entry.stat(
-                follow_symlinks=False
-            ).st_ino in (_EMPTY_SUBVOLUME_INO, _SUBVOLUME_ROOT_INO):
+            if entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_ino in (
+                _EMPTY_SUBVOLUME_INO,
+                _SUBVOLUME_ROOT_INO,
+            ):
                 yield f"{prefix}/{entry.name}"
 
 

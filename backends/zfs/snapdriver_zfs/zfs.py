@@ -80,7 +80,10 @@ class Zfs:
     def run(self, *args: str) -> str:
         """Run ``zfs ARGS``; return stdout, raise :class:`ZfsError` with stderr on failure."""
         proc = subprocess.run(
-            [self.command, *args], capture_output=True, text=True, errors="surrogateescape",
+            [self.command, *args],
+            capture_output=True,
+            text=True,
+            errors="surrogateescape",
             check=False,
         )
         if proc.returncode != 0:
@@ -120,7 +123,15 @@ class Zfs:
     def children(self, name: str, *props: str) -> list[list[str]]:
         """Rows ``[name, *props]`` of the filesystems directly below ``name``."""
         out = self.run(
-            "list", "-H", "-p", "-o", ",".join(("name", *props)), "-t", "filesystem", "-d", "1",
+            "list",
+            "-H",
+            "-p",
+            "-o",
+            ",".join(("name", *props)),
+            "-t",
+            "filesystem",
+            "-d",
+            "1",
             name,
         )
         rows = [line.split("\t") for line in out.splitlines() if line]

@@ -1,0 +1,3 @@
+from snapbench.cli import main
+
+raise SystemExit(main())

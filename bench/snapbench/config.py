@@ -1,0 +1,46 @@
+"""The run's parameters, from the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent.parent
+CHANGE_COUNTS = (10, 100, 1000, 10000)
+FULL_SIZES = (10_000, 1_000_000)
+ALL_SCENARIOS = frozenset(range(1, 7))
+
+
+@dataclass(frozen=True)
+class Config:
+    repeat: int
+    files: int  # the main image: scenarios 1-3
+    sizes: tuple[int, ...]  # image sizes for scenario 1 (and 2), ascending
+    changes: tuple[int, ...]  # changed-file counts for scenario 3
+    drivers: tuple[str, ...]
+    scenarios: frozenset[int]
+    out_dir: Path
+    workdir: Path
+    smoke: bool
+    rpc_clients: int
+    rpc_rounds: int
+    profile: bool
+    timeout: float  # for one docker command
+    command: str  # as typed, for the report
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.out_dir / "plots"
+
+    @property
+    def scratch_dir(self) -> Path:
+        """Logs and profiles go here even when the report goes to bench/."""
+        return BENCH_DIR / "out"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.scratch_dir / "logs"
+
+    @property
+    def largest(self) -> int:
+        return max(self.sizes)

@@ -1,0 +1,206 @@
+"""One driver's private world: a loop filesystem, (for snapdriver) the plugin, and a dockerd.
+
+Everything made here is released on the way out, also after an error, Ctrl-C or SIGTERM: the
+teardown ignores further interrupts until dockerd, the plugin and the loop filesystem are gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from snapdriver.testing.dockerd import Dockerd
+from snapdriver.testing.loopfs import loop_filesystem
+from snapdriver.testing.process import PluginProcess
+
+PLUGIN_NAME = "sdbench"
+PLUGIN_SOCKET = Path("/run/docker/plugins") / f"{PLUGIN_NAME}.sock"
+
+
+@dataclass(frozen=True)
+class DriverSpec:
+    """A storage driver under test: its label in the results and how dockerd is told of it."""
+
+    label: str
+    storage_driver: str
+    fstype: str
+    plugin: bool = False
+
+    @property
+    def description(self) -> str:
+        if self.plugin:
+            return f"snapdriver --backend btrfs (plugin `{self.storage_driver}`) on btrfs"
+        return f"dockerd in-tree `{self.storage_driver}` on {self.fstype}"
+
+
+SNAPDRIVER = DriverSpec("snapdriver", PLUGIN_NAME, "btrfs", plugin=True)
+DRIVERS = (
+    SNAPDRIVER,
+    DriverSpec("btrfs", "btrfs", "btrfs"),
+    DriverSpec("overlay2", "overlay2", "ext4"),
+    DriverSpec("vfs", "vfs", "ext4"),
+)
+
+
+def vm_hwm_kib(pid: int) -> int | None:
+    """Peak resident set size (``VmHWM``) of a live process, in KiB."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ignore SIGINT/SIGTERM for a teardown that must finish; restore the handlers after."""
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt so the same clean-up paths run as for Ctrl-C."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+@dataclass
+class Environment:
+    """A running dockerd (and plugin) for one driver, with its data root on ``mount``."""
+
+    spec: DriverSpec
+    workdir: Path
+    mount: Path
+    dockerd: Dockerd
+    plugin: PluginProcess | None = None
+    peak_rss_kib: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def plugin_pid(self) -> int | None:
+        # PluginProcess keeps its Popen private; the pid is what /proc needs.
+        proc = self.plugin._proc if self.plugin is not None else None
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    @property
+    def dockerd_pid(self) -> int | None:
+        try:
+            return int(self.dockerd.pidfile.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def sample_rss(self) -> None:
+        """Record VmHWM of the plugin and dockerd (peak since start, so any time is fine)."""
+        for name, pid in (("plugin", self.plugin_pid), ("dockerd", self.dockerd_pid)):
+            kib = vm_hwm_kib(pid) if pid is not None else None
+            if kib is not None:
+                self.peak_rss_kib[name] = max(kib, self.peak_rss_kib.get(name, 0))
+
+
+def _alive(pid: int | None) -> bool:
+    return pid is not None and Path(f"/proc/{pid}").exists()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _end_group(pgid: int, log: Callable[[str], None]) -> None:
+    """dockerd runs in its own session (pgid == its pid); end what it left (containerd, shims)."""
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        if not _group_alive(pgid):
+            return
+        log(f"  process group {pgid} outlived dockerd: sending {sig.name}")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and _group_alive(pgid):
+            time.sleep(0.1)
+
+
+def _teardown(env: Environment, log: Callable[[str], None]) -> None:
+    dockerd_pid = env.dockerd_pid
+    if env.plugin is not None and env.plugin_pid is None and _alive(dockerd_pid):
+        # Ctrl-C reaches the plugin too (same process group). dockerd calls the plugin while it
+        # shuts down, so bring it back for that rather than let dockerd retry for half a minute.
+        log("  plugin is gone: restarting it so dockerd can shut down cleanly")
+        with contextlib.suppress(Exception):
+            env.plugin.stop()
+            env.plugin.start()
+    env.sample_rss()
+    pgid = dockerd_pid if _alive(dockerd_pid) else None
+    with contextlib.suppress(Exception):
+        env.dockerd.stop()
+    if pgid is not None:
+        _end_group(pgid, log)
+    if env.plugin is not None:
+        with contextlib.suppress(Exception):
+            env.plugin.stop()
+    exec_root = env.dockerd.exec_root
+    if exec_root.is_dir():
+        subprocess.run(["umount", "-R", "-l", str(exec_root)], capture_output=True, check=False)
+        shutil.rmtree(exec_root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def environment(
+    spec: DriverSpec, workdir: Path, fs_size_mb: int, log: Callable[[str], None]
+) -> Iterator[Environment]:
+    """Make the loop filesystem, start the plugin (first) and dockerd; undo it all after."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    stack = contextlib.ExitStack()
+    env: Environment | None = None
+    try:
+        mount = stack.enter_context(loop_filesystem(spec.fstype, fs_size_mb))
+        log(f"  {spec.fstype} loop filesystem ({fs_size_mb} MiB, sparse) at {mount}")
+        plugin = None
+        if spec.plugin:
+            (workdir / "plugin").mkdir(exist_ok=True)
+            plugin = PluginProcess(
+                "btrfs",
+                workdir / "plugin",
+                name=PLUGIN_NAME,
+                socket_path=PLUGIN_SOCKET,
+                # The helper defaults to debug logging, which a daemon in service would not use.
+                extra_args=["--log-level", "info"],
+            )
+        data_root = mount / ("docker-intree" if spec.label == "btrfs" else "docker")
+        dockerd = Dockerd(workdir / "dockerd", spec.storage_driver, data_root=data_root)
+        env = Environment(spec, workdir, mount, dockerd, plugin)
+        if plugin is not None:
+            plugin.start()
+        dockerd.start()
+        found = dockerd.docker("info", "--format", "{{.Driver}}").stdout.strip()
+        if found != spec.storage_driver:
+            raise RuntimeError(
+                f"dockerd reports storage driver {found!r}, not {spec.storage_driver!r}"
+            )
+        yield env
+    finally:
+        with interrupts_deferred():
+            if env is not None:
+                _teardown(env, log)
+            stack.close()

@@ -1,0 +1,239 @@
+"""The scenarios, run against one driver's dockerd; each time is the wall time of a docker CLI.
+
+Every timed command is also checked (the diff lists exactly the changed files, the commit and
+the build produce working images), so a driver that answers fast but wrong fails the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from snapbench import results as m
+from snapbench.config import Config
+from snapbench.env import Environment
+from snapbench.images import FileLayout, changed_files, write_build_context, write_file_image
+from snapbench.results import Results
+from snapbench.rpc import get_put_load
+
+SMALL_IMAGE = "sdbench-busybox"
+CHANGES_IN_SCENARIO_1 = 10
+#: Above this many files a committed image is checked by its history, not by running it (a run
+#: on vfs copies the whole image).
+CHECK_BY_RUNNING_UP_TO = 20_000
+
+
+class ScenarioFailed(Exception):
+    """A command succeeded but its result is wrong."""
+
+
+class Runner:
+    """Runs the selected scenarios on one :class:`Environment` and adds to :class:`Results`."""
+
+    def __init__(
+        self, env: Environment, config: Config, results: Results, log: Callable[[str], None]
+    ) -> None:
+        self.env = env
+        self.config = config
+        self.results = results
+        self.log = log
+        self.driver = env.spec.label
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def docker(self, *args: str, check: bool = True) -> str:
+        return self.env.dockerd.docker(*args, check=check, timeout=self.config.timeout).stdout
+
+    def timed(self, *args: str) -> tuple[float, str]:
+        start = time.perf_counter()
+        out = self.docker(*args)
+        return time.perf_counter() - start, out
+
+    def record(self, metric: m.Metric, seconds: float) -> None:
+        self.results.add(metric, self.driver, seconds)
+        self.env.sample_rss()
+
+    @contextlib.contextmanager
+    def guarded(self, what: str) -> Iterator[None]:
+        """Record a failure and go on with the next scenario; Ctrl-C still ends the run."""
+        self.log(f"  {what}")
+        try:
+            yield
+        except Exception as err:
+            message = f"{self.driver}: {what}: {err}"
+            self.log(f"  FAILED {message}\n{traceback.format_exc()}")
+            self.results.fail(message)
+
+    def tar_for(self, layout: FileLayout) -> Path:
+        path = self.config.workdir / f"files-{layout.files}.tar"
+        if not path.exists():
+            self.log(f"    writing {path.name} ({layout.dirs} dirs x {layout.per_dir} files)")
+            partial = path.with_suffix(".partial")
+            write_file_image(partial, layout)
+            partial.rename(path)
+        return path
+
+    @contextlib.contextmanager
+    def profiled(self, name: str) -> Iterator[None]:
+        """py-spy the plugin for the duration (``--profile``, snapdriver only)."""
+        pid = self.env.plugin_pid
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not self.config.profile or pid is None or not Path(spy).exists():
+            yield
+            return
+        self.config.scratch_dir.mkdir(parents=True, exist_ok=True)
+        svg = self.config.scratch_dir / f"profile-{name}.svg"
+        proc = subprocess.Popen(
+            [spy, "record", "--pid", str(pid), "--rate", "250", "--threads", "--idle",
+             "--output", str(svg), "--format", "flamegraph"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            yield
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            self.log(f"    profile of the plugin: {svg}")
+
+    # -- scenarios -----------------------------------------------------------------------------
+
+    def run_all(self) -> None:
+        cfg = self.config
+        with self.guarded("CLI floor: docker version"):
+            for _ in range(cfg.repeat):
+                self.record(m.cli_floor(), self.timed("version")[0])
+        if cfg.scenarios & {1, 2, 3}:
+            for files in cfg.sizes:
+                with self.guarded(f"scenarios 1-3 on the {files:,}-file image"):
+                    self.file_image_scenarios(files)
+        if cfg.scenarios & {4, 5}:
+            with self.guarded("import the busybox image"):
+                self.env.dockerd.import_busybox(SMALL_IMAGE)
+        if 4 in cfg.scenarios:
+            with self.guarded("scenario 4: docker run --rm true"):
+                self.run_true()
+        if 5 in cfg.scenarios:
+            with self.guarded("scenario 5: docker build"):
+                self.build()
+        if 6 in cfg.scenarios and self.env.plugin is not None:
+            with self.guarded("scenario 6: plugin Get/Put, concurrent clients"):
+                self.get_put()
+
+    def file_image_scenarios(self, files: int) -> None:
+        cfg = self.config
+        layout = FileLayout.for_files(files)
+        tag = f"sdbench-files-{layout.files}"
+        tar = self.tar_for(layout)
+        seconds, _ = self.timed("import", str(tar), tag)
+        self.record(m.image_import(layout.files), seconds)
+        self.log(f"    imported {layout.files:,} files in {seconds:.1f}s")
+        try:
+            if cfg.scenarios & {1, 2}:
+                with self.changed_container(tag, layout, CHANGES_IN_SCENARIO_1) as name:
+                    if 1 in cfg.scenarios:
+                        with self.profiled(f"diff-{layout.files}"):
+                            self.diff(name, m.diff_by_size(layout.files), CHANGES_IN_SCENARIO_1)
+                    if 2 in cfg.scenarios:
+                        with self.profiled(f"commit-{layout.files}"):
+                            self.commit(name, layout)
+            if 3 in cfg.scenarios and files == cfg.files:
+                for count in cfg.changes:
+                    if not layout.can_change(count):
+                        continue
+                    with self.guarded(f"scenario 3: {count:,} changed files"), \
+                            self.changed_container(tag, layout, count) as name:
+                        self.diff(name, m.diff_by_changes(count, layout.files), count)
+        finally:
+            self.docker("rmi", "-f", tag)
+
+    @contextlib.contextmanager
+    def changed_container(self, image: str, layout: FileLayout, count: int) -> Iterator[str]:
+        name = f"sdbench-c{count}"
+        self.docker("rm", "-f", name, check=False)
+        seconds, _ = self.timed("run", "--name", name, "--network", "none", image, "sh", "-c",
+                                layout.change_script(count))
+        self.log(f"    container {name} changed {count:,} files ({seconds:.1f}s)")
+        try:
+            yield name
+        finally:
+            self.docker("rm", "-f", name)
+
+    def diff(self, container: str, metric: m.Metric, expected: int) -> None:
+        for i in range(self.config.repeat):
+            seconds, out = self.timed("diff", container)
+            found = changed_files(out)
+            if found != expected:
+                raise ScenarioFailed(f"docker diff listed {found} changed files, not {expected}")
+            self.record(metric, seconds)
+            if i == 0:
+                digest = hashlib.sha256("\n".join(sorted(out.splitlines())).encode()).hexdigest()
+                self.results.diff_digests.setdefault(metric.title, {})[self.driver] = digest[:16]
+        self.log(f"    {metric.title}: {self.results.median(metric, self.driver):.3f}s")
+
+    def commit(self, container: str, layout: FileLayout) -> None:
+        metric = m.commit(layout.files)
+        for i in range(self.config.repeat):
+            image = f"sdbench-commit-{i}"
+            seconds, _ = self.timed("commit", container, image)
+            self.record(metric, seconds)
+            if i == 0:
+                self.check_commit(image, layout)
+            self.docker("rmi", image)
+        self.log(f"    {metric.title}: {self.results.median(metric, self.driver):.3f}s")
+
+    def check_commit(self, image: str, layout: FileLayout) -> None:
+        if layout.files <= CHECK_BY_RUNNING_UP_TO:
+            out = self.docker("run", "--rm", "--network", "none", image, "cat", "/data/d0/f0")
+            if "changed" not in out:
+                raise ScenarioFailed(f"the committed image lacks the change: {out!r}")
+            return
+        sizes = self.docker("history", "--format", "{{.Size}}", image).split()
+        if not sizes or sizes[0] in ("0B", "0"):
+            raise ScenarioFailed(f"the committed layer is empty: docker history says {sizes}")
+
+    def run_true(self) -> None:
+        for _ in range(self.config.repeat):
+            seconds, _ = self.timed("run", "--rm", "--network", "none", SMALL_IMAGE, "true")
+            self.record(m.run_true(), seconds)
+        self.log(f"    {m.run_true().title}: {self.results.median(m.run_true(), self.driver):.3f}s")
+
+    def build(self) -> None:
+        context = self.config.workdir / "build-context"
+        if not context.exists():
+            write_build_context(context, SMALL_IMAGE)
+        for i in range(self.config.repeat):
+            image = f"sdbench-built-{i}"
+            seconds, _ = self.timed("build", "--no-cache", "--network", "none", "-t", image,
+                                    str(context))
+            self.record(m.build(), seconds)
+            if i == 0:
+                out = self.docker("run", "--rm", "--network", "none", image, "cat", "/app/count")
+                if out.strip() != "50":
+                    raise ScenarioFailed(f"the built image counts {out.strip()!r} files, not 50")
+            self.docker("rmi", image)
+        self.log(f"    {m.build().title}: {self.results.median(m.build(), self.driver):.3f}s")
+
+    def get_put(self) -> None:
+        plugin = self.env.plugin
+        assert plugin is not None
+        clients, rounds = self.config.rpc_clients, self.config.rpc_rounds
+        for _ in range(self.config.repeat):
+            load = get_put_load(plugin.address, clients, rounds)
+            self.record(m.rpc_round_trip(clients), load.round_trip_p50_ms)
+            self.record(m.rpc_request(clients), load.request_p50_ms)
+            self.record(m.rpc_request_p99(clients), load.request_p99_ms)
+            self.record(m.rpc_rate(clients), load.requests_per_s)
+        self.log(f"    Get+Put p50 {self.results.median(m.rpc_round_trip(clients), self.driver):.2f}"
+                 f" ms, {self.results.median(m.rpc_rate(clients), self.driver):.0f} requests/s")
