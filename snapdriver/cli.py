@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import grp
 import logging
 import re
@@ -19,11 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from snapdriver import __version__
-from snapdriver.driver import Driver
+from snapdriver.driver import DEFAULT_ORPHAN_AGE, Driver
 from snapdriver.errors import SnapdriverError
 from snapdriver.plugins import Backend, installed_backends
 from snapdriver.protocol.app import create_app
-from snapdriver.protocol.serve import SPEC_DIR, Listen, TLSFiles, serving
+from snapdriver.protocol.client import PluginClient
+from snapdriver.protocol.serve import PLUGIN_DIR, SPEC_DIR, Listen, TLSFiles, serving
 
 log = logging.getLogger("snapdriver")
 
@@ -47,7 +47,8 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 def base_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="snapdriver",
-        description="Serve Docker's GraphDriver plugin protocol from a snapshot backend.",
+        description="Serve Docker's GraphDriver plugin protocol from a snapshot backend. "
+        "`snapdriver sweep --help`: reclaim orphan layers of a running plugin.",
     )
     parser.add_argument("--backend", help="storage backend to use (see --list-backends)")
     parser.add_argument("--list-backends", action="store_true", help="list backends and exit")
@@ -116,8 +117,43 @@ def _group(name: str | None) -> int | None:
         raise SnapdriverError(f"--socket-group {name!r}: no such group") from None
 
 
+def sweep_main(argv: Sequence[str]) -> int:
+    """``snapdriver sweep``: ask the running plugin to reclaim orphan layers now."""
+    parser = argparse.ArgumentParser(
+        prog="snapdriver sweep",
+        description="Remove layers nobody references: half made by a crash, unknown to "
+        "snapdriver's record, or forgotten by dockerd (such as leaked -init layers).",
+    )
+    parser.add_argument("--name", default="snapdriver", help="the plugin's name")
+    parser.add_argument("--listen", help="the plugin's address (default: its unix socket)")
+    parser.add_argument(
+        "--min-age",
+        type=float,
+        default=DEFAULT_ORPHAN_AGE,
+        help="only layers older than this many seconds (default: %(default)s)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="list, do not remove")
+    args = parser.parse_args(argv)
+    address = args.listen or f"unix://{PLUGIN_DIR / args.name}.sock"
+    try:
+        with PluginClient(address) as client:
+            reply = client.call(
+                "Snapdriver.Sweep", {"MinAge": args.min_age, "DryRun": args.dry_run}
+            )
+    except (OSError, SnapdriverError) as err:
+        return _fail(f"cannot sweep through {address}: {err}")
+    removed = reply.get("Removed", [])
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(removed)} orphan layer(s)")
+    for layer in removed:
+        print(layer)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sweep"]:
+        return sweep_main(argv[1:])
     parser = base_parser()
     early, _ = parser.parse_known_args(argv)
     if early.list_backends:
@@ -172,8 +208,6 @@ async def _serve(backend: Backend, args: argparse.Namespace) -> int:
         log.info("serving backend %s on %s (state in %s)", backend.name, where, state_dir)
         await stop.wait()
     log.info("stopped")
-    with contextlib.suppress(Exception):
-        driver.close()
     return 0
 
 

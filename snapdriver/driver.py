@@ -13,12 +13,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO
 
+from snapdriver.dockerdb import DOCKERD_ID, referenced_layers
 from snapdriver.errors import (
     ConfigError,
     LayerBusyError,
@@ -38,7 +40,8 @@ from snapdriver.plugins import Backend
 from snapdriver.streams import Sink, stream_from_thread
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+#: Layers younger than this are never judged orphans: dockerd may be between two calls.
+DEFAULT_ORPHAN_AGE = 600.0
 
 
 def parse_options(options: Sequence[str]) -> dict[str, str]:
@@ -105,6 +108,9 @@ class Driver:
             return False
         await self._setup(record)
         log.info("resumed %s at %s without a new Init", self.backend.name, record.home)
+        swept = await self.sweep()
+        if swept:
+            log.warning("reclaimed %d orphan layers at start: %s", len(swept), swept)
         return True
 
     async def init(
@@ -149,6 +155,45 @@ class Driver:
         if removed:
             log.warning("removed %d half-made or unrecorded layers: %s", len(removed), removed)
         return removed
+
+    async def sweep(self, min_age: float = DEFAULT_ORPHAN_AGE, dry_run: bool = False) -> list[str]:
+        """Reclaim layers nobody references: half made, unrecorded, or forgotten by dockerd.
+
+        A complete layer is an orphan when dockerd's layer store exists and names it nowhere,
+        its ID is one dockerd makes, nothing holds it, it has no children left, and it is older
+        than ``min_age`` seconds (so a create still in flight is never taken).
+        """
+        removed = [] if dry_run else await self.recover()
+        known = referenced_layers(self.home) if self.home else None
+        if known is None:
+            return removed
+        skipped: set[str] = set()
+        while orphans := self._orphans(known, min_age, set(removed) | skipped):
+            for layer in orphans:
+                try:
+                    if not dry_run:
+                        await self.remove(layer)
+                    removed.append(layer)
+                except SnapdriverError as err:
+                    log.warning("orphan %s not removed: %s", layer, err)
+                    skipped.add(layer)
+            if dry_run:
+                break  # children of what would go cannot be judged without removing it
+        return removed
+
+    def _orphans(self, known: set[str], min_age: float, exclude: set[str]) -> list[str]:
+        now = time.time()
+        return [
+            r.id
+            for r in self.store.all()
+            if r.status == Status.READY
+            and r.refs == 0
+            and r.id not in known
+            and r.id not in exclude
+            and DOCKERD_ID.fullmatch(r.id)
+            and now - r.created >= min_age
+            and not self.store.children(r.id)
+        ]
 
     async def cleanup(self) -> None:
         if self._store is not None:
@@ -265,6 +310,9 @@ class Driver:
             if self._internal_refs[layer]:
                 raise LayerBusyError(f"layer {layer} is in use by a running Diff or Changes")
             await self._destroy(layer)
+        lock = self._locks.get(layer)
+        if lock is not None and not lock.locked():
+            del self._locks[layer]  # one lock per live layer, not per layer ever seen
 
     async def get(self, layer: str, mount_label: str = "") -> Path:
         async with self._locked(layer):

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from snapdriver.testing.loopfs import can_make_loop_filesystems, loop_filesystem, sweep_stale
+from snapdriver.testing.loopfs import (
+    MADE,
+    can_make_loop_filesystems,
+    loop_filesystem,
+    sweep_stale,
+)
 
 REQUIRED = {t for t in os.environ.get("SNAPDRIVER_REQUIRE_TIERS", "").split(",") if t}
 
@@ -36,6 +42,57 @@ def btrfs_mount() -> Iterator[Path]:
     sweep_stale()  # what an earlier, killed run left behind
     with loop_filesystem("btrfs", size_mb=6144) as mnt:
         yield mnt
+        LEAKS.update(btrfs_leftovers(mnt))
+    LEAKS.update(host_leftovers())
+
+
+#: What the session left behind, filled in at the end and printed in the summary.
+LEAKS: dict[str, list[str]] = {}
+
+
+def _lines(*cmd: str) -> list[str]:
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    return [line for line in done.stdout.splitlines() if line.strip()]
+
+
+def btrfs_leftovers(mnt: Path) -> dict[str, list[str]]:
+    """Subvolumes of any layer store, and qgroups whose subvolume is gone, on the test fs."""
+    subvolumes = [
+        line.rsplit(" ", 1)[-1]
+        for line in _lines("btrfs", "subvolume", "list", str(mnt))
+        if "/subvolumes/" in line or "/scratch/" in line
+    ]
+    live = {line.split()[1] for line in _lines("btrfs", "subvolume", "list", str(mnt))}
+    stale = [
+        line.split()[0]
+        for line in _lines("btrfs", "qgroup", "show", "--raw", str(mnt))
+        if line.startswith("0/") and line.split()[0][2:] not in live | {"5"}
+    ]
+    return {"subvolumes": subvolumes, "stale qgroups": stale}
+
+
+def host_leftovers() -> dict[str, list[str]]:
+    """Mounts and loop devices of this test run that outlived it."""
+    ours = [str(workdir) for workdir in MADE]
+    mounts = [m for m in _lines("findmnt", "-rn", "-o", "TARGET") if any(w in m for w in ours)]
+    loops = [line for line in _lines("losetup", "-a") if any(w in line for w in ours)]
+    sockets = [str(p) for p in Path("/run/docker/plugins").glob("sd*.sock")]
+    return {"mounts": mounts, "loop devices": loops, "plugin sockets": sockets}
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not LEAKS:
+        return
+    figure = ", ".join(f"{kind}={len(found)}" for kind, found in LEAKS.items())
+    terminalreporter.write_line(f"LEAKS after the btrfs and dockerd tiers: {figure}")
+    for kind, found in LEAKS.items():
+        for item in found[:20]:
+            terminalreporter.write_line(f"  leftover {kind}: {item}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if any(LEAKS.values()) and session.exitstatus == 0:
+        session.exitstatus = 1  # a leak fails the run even when every test passed
 
 
 @pytest.fixture(scope="session")

@@ -69,8 +69,10 @@ def _directory(name: str) -> tarfile.TarInfo:
 
 def write_file_image(path: Path, layout: FileLayout) -> None:
     """Stream busybox's root fs plus ``layout``'s files into a tar at ``path``."""
-    base = tarfile.open(fileobj=io.BytesIO(busybox_rootfs_tar()), mode="r")
-    with base, tarfile.open(path, mode="w", format=tarfile.GNU_FORMAT) as tar:
+    with (
+        tarfile.open(fileobj=io.BytesIO(busybox_rootfs_tar()), mode="r") as base,
+        tarfile.open(path, mode="w", format=tarfile.GNU_FORMAT) as tar,
+    ):
         for member in base:
             tar.addfile(member, base.extractfile(member) if member.isfile() else None)
         tar.addfile(_directory("data"))

@@ -37,13 +37,15 @@ def diff_by_size(files: int) -> Metric:
 
 
 def commit(files: int) -> Metric:
-    return Metric(2, "commit", files, "s", f"`docker commit`, 10 changed files, {files:,}-file image")
+    return Metric(
+        2, "commit", files, "s", f"`docker commit`, 10 changed files, {files:,}-file image"
+    )
 
 
 def diff_by_changes(changed: int, files: int) -> Metric:
     return Metric(
         3, "diff-changes", changed, "s",
-        f"`docker diff`, {changed:,} changed files, {files:,}-file image",
+        f"`docker diff`, {changed:,} of the {files:,} files changed",
     )
 
 
@@ -60,11 +62,15 @@ def rpc_round_trip(clients: int) -> Metric:
 
 
 def rpc_request(clients: int) -> Metric:
-    return Metric(6, "rpc-b-req", clients, "ms", f"plugin request (Get or Put) p50, {clients} clients")
+    return Metric(
+        6, "rpc-b-req", clients, "ms", f"plugin request (Get or Put) p50, {clients} clients"
+    )
 
 
 def rpc_request_p99(clients: int) -> Metric:
-    return Metric(6, "rpc-c-p99", clients, "ms", f"plugin request (Get or Put) p99, {clients} clients")
+    return Metric(
+        6, "rpc-c-p99", clients, "ms", f"plugin request (Get or Put) p99, {clients} clients"
+    )
 
 
 def rpc_rate(clients: int) -> Metric:
@@ -81,6 +87,8 @@ class Results:
     peak_rss_kib: dict[str, dict[str, int]] = field(default_factory=dict)
     diff_digests: dict[str, dict[str, str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    driver_runs: dict[str, dict[str, str]] = field(default_factory=dict)
+    driver_status: dict[str, str] = field(default_factory=dict)
     machine: dict[str, str] = field(default_factory=dict)
 
     def add(self, metric: Metric, driver: str, value: float) -> None:
@@ -107,6 +115,8 @@ class Results:
             "notes": self.notes,
             "peak_rss_kib": self.peak_rss_kib,
             "diff_digests": self.diff_digests,
+            "driver_runs": self.driver_runs,
+            "driver_status": self.driver_status,
             "samples": [
                 {**asdict(metric), "driver": driver, "samples": values,
                  "median": statistics.median(values)}

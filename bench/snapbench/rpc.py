@@ -7,6 +7,7 @@ The clients are Python too, so the rate includes their own cost on the same two 
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
@@ -66,10 +67,8 @@ def get_put_load(address: str, clients: int, rounds: int, prefix: str = "sdbench
     try:
         for thread in threads:
             thread.start()
-        try:
+        with contextlib.suppress(threading.BrokenBarrierError):
             barrier.wait()
-        except threading.BrokenBarrierError:
-            pass
         start = time.perf_counter()
         for thread in threads:
             thread.join()

@@ -136,7 +136,8 @@ class Runner:
         layout = FileLayout.for_files(files)
         tag = f"sdbench-files-{layout.files}"
         tar = self.tar_for(layout)
-        seconds, _ = self.timed("import", str(tar), tag)
+        with self.profiled(f"import-{layout.files}"):
+            seconds, _ = self.timed("import", str(tar), tag)
         self.record(m.image_import(layout.files), seconds)
         self.log(f"    imported {layout.files:,} files in {seconds:.1f}s")
         try:
@@ -153,7 +154,8 @@ class Runner:
                     if not layout.can_change(count):
                         continue
                     with self.guarded(f"scenario 3: {count:,} changed files"), \
-                            self.changed_container(tag, layout, count) as name:
+                            self.changed_container(tag, layout, count) as name, \
+                            self.profiled(f"diff-{count}-of-{layout.files}"):
                         self.diff(name, m.diff_by_changes(count, layout.files), count)
         finally:
             self.docker("rmi", "-f", tag)
@@ -235,5 +237,6 @@ class Runner:
             self.record(m.rpc_request(clients), load.request_p50_ms)
             self.record(m.rpc_request_p99(clients), load.request_p99_ms)
             self.record(m.rpc_rate(clients), load.requests_per_s)
-        self.log(f"    Get+Put p50 {self.results.median(m.rpc_round_trip(clients), self.driver):.2f}"
-                 f" ms, {self.results.median(m.rpc_rate(clients), self.driver):.0f} requests/s")
+        p50 = self.results.median(m.rpc_round_trip(clients), self.driver)
+        rate = self.results.median(m.rpc_rate(clients), self.driver)
+        self.log(f"    Get+Put p50 {p50:.2f} ms, {rate:.0f} requests/s")

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from snapdriver.driver import Driver
+from snapdriver.driver import DEFAULT_ORPHAN_AGE, Driver
 from snapdriver.errors import RequestError, SnapdriverError
 from snapdriver.protocol.types import (
     CONTENT_TYPE,
@@ -195,6 +195,17 @@ async def diff(request: web.Request) -> web.StreamResponse:
         return response
 
 
+@routes.post("/Snapdriver.Sweep")
+async def sweep(request: web.Request) -> web.Response:
+    """Not Docker's: reclaim orphan layers now (``snapdriver sweep``)."""
+    data = decode_object(await request.read())
+    min_age, dry_run = data.get("MinAge", DEFAULT_ORPHAN_AGE), data.get("DryRun", False)
+    if not isinstance(min_age, int | float) or not isinstance(dry_run, bool):
+        raise RequestError("MinAge must be a number of seconds and DryRun a boolean")
+    removed = await _driver(request).sweep(float(min_age), dry_run)
+    return reply({"Removed": removed})
+
+
 def create_app(driver: Driver) -> web.Application:
     """The application factory: routes, the error middleware and the driver as typed state."""
     app = web.Application(middlewares=[error_middleware])
@@ -203,7 +214,13 @@ def create_app(driver: Driver) -> web.Application:
 
     async def lifecycle(app: web.Application) -> Any:
         yield
-        app[DRIVER].close()
+        driver = app[DRIVER]
+        try:
+            await driver.cleanup()  # as on dockerd's Cleanup: let the backend finish its work
+        except Exception:
+            log.exception("clean-up at shutdown failed")
+        finally:
+            driver.close()
 
     app.cleanup_ctx.append(lifecycle)
     return app

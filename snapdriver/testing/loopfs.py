@@ -17,6 +17,8 @@ from pathlib import Path
 
 PREFIX = "snapdriver-test-"
 STATE_ROOT = Path(os.environ.get("SNAPDRIVER_TEST_ROOT", "/var/tmp/snapdriver-tests"))
+#: Work directories this process made, so a leak check can tell them from other runs'.
+MADE: list[Path] = []
 
 
 def _run(*cmd: str) -> str:
@@ -77,6 +79,7 @@ def loop_filesystem(fstype: str = "btrfs", size_mb: int = 1024) -> Iterator[Path
     """Make, mount and finally remove a ``fstype`` filesystem on a sparse loop image."""
     STATE_ROOT.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=PREFIX, dir=STATE_ROOT))
+    MADE.append(workdir)
     image, mnt = workdir / "image", workdir / "mnt"
     try:
         with open(image, "wb") as handle:

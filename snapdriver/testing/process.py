@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from snapdriver.protocol.client import PluginClient
 
@@ -22,8 +24,10 @@ class PluginProcess:
         backend: str,
         workdir: Path,
         extra_args: Sequence[str] = (),
+        *,
         name: str | None = None,
         socket_path: Path | None = None,
+        listen: str | None = None,
     ) -> None:
         self.backend = backend
         self.name = name or f"sdtest{uuid.uuid4().hex[:8]}"
@@ -32,11 +36,12 @@ class PluginProcess:
         self.state_dir = workdir / "state"
         self.log_path = workdir / "plugin.log"
         self.extra_args = list(extra_args)
+        self.listen = listen
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
-        return f"unix://{self.socket}"
+        return self.listen or f"unix://{self.socket}"
 
     def command(self) -> list[str]:
         return [
@@ -64,15 +69,24 @@ class PluginProcess:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"snapdriver exited early:\n{self.log_tail()}")
-            if self.socket.exists():
-                try:
-                    with PluginClient(self.address, timeout=2) as client:
-                        client.call("Plugin.Activate")
-                    return
-                except OSError:
-                    pass
+            if self._listening():
+                return
             time.sleep(0.05)
         raise RuntimeError(f"snapdriver did not start in {timeout}s:\n{self.log_tail()}")
+
+    def _listening(self) -> bool:
+        url = urlsplit(self.address)
+        if url.scheme == "tcp":  # possibly TLS: a TCP connect is all we can check here
+            with socket.socket() as probe:
+                return probe.connect_ex((url.hostname or "", url.port or 0)) == 0
+        if not self.socket.exists():
+            return False
+        try:
+            with PluginClient(self.address, timeout=2) as client:
+                client.call("Plugin.Activate")
+        except OSError:
+            return False
+        return True
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         if self._proc is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -41,6 +42,7 @@ class BtrfsBackend:
     def __init__(self) -> None:
         self._home: Path | None = None
         self._enable_quota = False
+        self._stale_qgroups: set[int] = set()
 
     @property
     def home(self) -> Path:
@@ -80,7 +82,11 @@ class BtrfsBackend:
             directory.mkdir(mode=0o700, exist_ok=True)
         self._home = config.home
         for leftover in self.scratch.iterdir():
-            _delete(leftover)
+            self._delete(leftover)
+        pending = config.home / "qgroups.pending"
+        if pending.exists():
+            self._stale_qgroups.update(int(x) for x in pending.read_text().split())
+            self._reap_qgroups(wait=0)
 
     @hookimpl
     def snapdriver_status(self) -> list[tuple[str, str]]:
@@ -95,7 +101,7 @@ class BtrfsBackend:
     def snapdriver_create(self, request: CreateRequest) -> None:
         target = self.path(request.layer)
         if os.path.lexists(target):
-            _delete(target)  # a leftover of a crash: Create replaces it
+            self._delete(target)  # a leftover of a crash: Create replaces it
         try:
             if request.parent is None:
                 btrfsutil.create_subvolume(str(target))
@@ -117,11 +123,44 @@ class BtrfsBackend:
             ioctl.enable_quota(self.home)
         ioctl.limit_referenced(target, size)
 
+    def _delete(self, path: Path) -> None:
+        deleted = _delete_tree(path)
+        if deleted and ioctl.quota_enabled(self.home):
+            self._stale_qgroups.update(deleted)
+            self._reap_qgroups(wait=0)
+
+    def _reap_qgroups(self, wait: float) -> None:
+        """Destroy the qgroups of deleted subvolumes once btrfs's cleaner has dropped them.
+
+        The kernel refuses (EBUSY) until then, so each removal retries the earlier ones and
+        Cleanup waits up to ``wait`` seconds; what is still pending is kept in Home for the
+        next start, so qgroups never pile up as ``<stale>``.
+        """
+        deadline = time.monotonic() + wait
+        while self._stale_qgroups:
+            for subvol_id in sorted(self._stale_qgroups):
+                if ioctl.forget_qgroup(self.home, subvol_id):
+                    self._stale_qgroups.discard(subvol_id)
+            if not self._stale_qgroups or time.monotonic() >= deadline:
+                break
+            btrfsutil.sync(str(self.home))  # commit, so the cleaner can drop what was deleted
+            time.sleep(0.2)
+        pending = self.home / "qgroups.pending"
+        if self._stale_qgroups:
+            pending.write_text("".join(f"{i}\n" for i in sorted(self._stale_qgroups)))
+        else:
+            pending.unlink(missing_ok=True)
+
+    @hookimpl
+    def snapdriver_cleanup(self) -> None:
+        if self._home is not None:
+            self._reap_qgroups(wait=10)
+
     @hookimpl
     def snapdriver_remove(self, layer: str) -> None:
         target = self.path(layer)
         if os.path.lexists(target):
-            _delete(target)
+            self._delete(target)
 
     @hookimpl
     def snapdriver_mount(self, layer: str, mount_label: str) -> Path:
@@ -168,20 +207,25 @@ class BtrfsBackend:
         try:
             yield snapshot
         finally:
-            _delete(snapshot)
+            self._delete(snapshot)
 
 
-def _delete(path: Path) -> None:
-    """Delete a subvolume with every subvolume nested in it, or a plain leftover directory."""
+def _delete_tree(path: Path) -> list[int]:
+    """Delete a subvolume with every subvolume nested in it, or a plain leftover directory.
+
+    Returns the IDs of the subvolumes deleted, whose qgroups outlive them for a while.
+    """
     try:
         if btrfsutil.is_subvolume(str(path)):
-            subvol_id = btrfsutil.subvolume_id(str(path))
+            ids = [btrfsutil.subvolume_id(str(path))]
+            with btrfsutil.SubvolumeIterator(str(path)) as nested:
+                ids += [subvol_id for _, subvol_id in nested]
             btrfsutil.delete_subvolume(str(path), recursive=True)
-            ioctl.forget_qgroup(path.parent, subvol_id)
-            return
+            return ids
     except btrfsutil.BtrfsUtilError as err:
         raise BackendError(f"cannot delete subvolume {path}: {err}") from err
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+    return []

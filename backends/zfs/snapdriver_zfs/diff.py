@@ -68,7 +68,7 @@ def _decode_escape(match: re.Match[bytes]) -> bytes:
     # escape if the value is one zfs escapes, else it is "\ooo" (old format) plus a literal digit.
     if extra and three.startswith(b"0"):
         value = int(three[1:] + extra, 8)
-        if _needs_escape(value):
+        if value <= 0xFF and _needs_escape(value):
             return bytes([value])
     return bytes([int(three, 8)]) + extra
 

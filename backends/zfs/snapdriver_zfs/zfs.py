@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -153,6 +154,19 @@ class Zfs:
         )
         stderr = proc.stderr.decode(errors="replace").strip()
         return DiffOutput(proc.returncode, proc.stdout, stderr)
+
+    def pool_health(self, pool: str) -> str:
+        """``zpool list -o health``: ONLINE, DEGRADED, ..."""
+        zpool = os.path.join(os.path.dirname(self.command), "zpool")
+        proc = subprocess.run(
+            [zpool if os.path.exists(zpool) else "zpool", "list", "-H", "-o", "health", pool],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise ZfsError(proc.stderr.strip() or f"zpool list exited with {proc.returncode}")
+        return proc.stdout.strip()
 
     # -- writing -----------------------------------------------------------------------------
 

@@ -1,0 +1,115 @@
+"""Helpers for testing on a real pool (tests/zfs, bench_changes.py): the lab check, ``zfs`` calls.
+
+Tests marked ``zfs`` need a real pool named by ``SNAPDRIVER_ZPOOL`` (the lab makes one on a
+file); anywhere else they skip with a loud reason, or fail where CI requires the ``zfs`` tier
+(``SNAPDRIVER_REQUIRE_TIERS=zfs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from snapdriver.driver import Driver
+from snapdriver.hostfs import mounts
+from snapdriver.plugins import Backend
+from snapdriver_zfs import ZfsBackend
+
+T = TypeVar("T")
+POOL_ENV = "SNAPDRIVER_ZPOOL"
+LAB_HINT = (
+    "run them in the ZFS lab: vagrant/lab run -- 'modprobe zfs && truncate -s 2G /tmp/p.img && "
+    "zpool create -f sdtest /tmp/p.img && SNAPDRIVER_ZPOOL=sdtest python3 -m pytest tests/zfs'"
+)
+
+
+def no_zfs_reason() -> str | None:
+    """Why the ZFS tests cannot run here, or None if they can."""
+    if not os.environ.get(POOL_ENV):
+        return f"{POOL_ENV} is not set"
+    if shutil.which("zfs") is None:
+        return "the zfs command is not installed"
+    if not os.path.exists("/dev/zfs"):
+        return "/dev/zfs is missing (no ZFS kernel module)"
+    if os.geteuid() != 0:
+        return "not root"
+    return None
+
+
+def skip_without_zfs() -> None:
+    reason = no_zfs_reason()
+    if reason is None:
+        return
+    message = f"NO ZFS HERE, ZFS TIER NOT RUN: {reason}; {LAB_HINT}"
+    if "zfs" in os.environ.get("SNAPDRIVER_REQUIRE_TIERS", "").split(","):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def zfs(*args: str) -> str:
+    proc = subprocess.run(["zfs", *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise AssertionError(f"zfs {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def everything_below(root: str) -> list[str]:
+    """Every dataset and snapshot below ``root`` (``root`` itself excluded)."""
+    names = zfs("list", "-H", "-o", "name", "-t", "all", "-r", root).split()
+    return sorted(n for n in names if n != root)
+
+
+def detach_all_below(root: str) -> None:
+    for mount in reversed(mounts()):
+        if mount.fstype == "zfs" and mount.source.startswith(root + "/"):
+            subprocess.run(["umount", "-l", mount.target], check=False)
+
+
+@dataclass
+class Lab:
+    """One test's Home and state directory on the module's root dataset."""
+
+    root: str
+    home: Path
+    state: Path
+    loop: asyncio.AbstractEventLoop
+
+    def driver(self) -> Driver:
+        return Driver(Backend.load(ZfsBackend()), self.state, argparse.Namespace(dataset=self.root))
+
+    def run(self, coro: Awaitable[T]) -> T:
+        return self.loop.run_until_complete(coro)
+
+    def session(self, body: Callable[[Driver], Awaitable[T]]) -> T:
+        """Init a fresh driver, run ``body``, then remove every layer it left."""
+
+        async def main() -> T:
+            driver = self.driver()
+            await driver.init(str(self.home), [f"zfs.fsname={self.root}"])
+            try:
+                return await body(driver)
+            finally:
+                await remove_all(driver)
+                driver.close()
+
+        return self.run(main())
+
+
+async def remove_all(driver: Driver) -> None:
+    """Release and remove every recorded layer, children first."""
+    records = driver.store.all()
+    for record in records:
+        for _ in range(record.refs):
+            await driver.put(record.id)
+    for record in reversed(records):  # created later means child (or unrelated)
+        await driver.remove(record.id)
+    await driver.cleanup()

@@ -1,0 +1,284 @@
+"""``bench/run``: every scenario on every driver, one driver at a time, then the report."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from snapbench.config import ALL_SCENARIOS, BENCH_DIR, CHANGE_COUNTS, FULL_SIZES, Config
+from snapbench.env import DRIVERS, environment, raise_on_sigterm
+from snapbench.report import duration, write_markdown, write_plots
+from snapbench.results import Results
+from snapbench.scenarios import Runner
+from snapdriver.testing import loopfs
+from snapdriver.testing.loopfs import can_make_loop_filesystems, sweep_stale
+
+LOCK = Path("/run/snapdriver-bench.lock")
+#: Where this benchmark's loop images live (bench/run sets SNAPDRIVER_TEST_ROOT to it), so that
+#: sweeping stale images never touches a test suite's.
+STATE_ROOT_NAME = "snapdriver-bench"
+_STARTED = time.monotonic()
+
+
+def log(message: str) -> None:
+    elapsed = time.monotonic() - _STARTED
+    print(f"[{int(elapsed) // 60:3d}:{int(elapsed) % 60:02d}] {message}", file=sys.stderr,
+          flush=True)
+
+
+def _csv_ints(text: str) -> tuple[int, ...]:
+    return tuple(int(part.replace("_", "")) for part in text.split(",") if part.strip())
+
+
+def parse_args(argv: Sequence[str]) -> Config:
+    parser = argparse.ArgumentParser(
+        prog="bench/run",
+        description="snapdriver (btrfs backend) against dockerd's btrfs, overlay2 and vfs drivers.",
+    )
+    parser.add_argument("--repeat", type=int, help="runs per measurement, median reported "
+                        "(default 5; 1 with --smoke)")
+    parser.add_argument("--files", type=int, help="files in the main image (default 100000; 200 "
+                        "with --smoke)")
+    parser.add_argument("--full", action="store_true",
+                        help="scenario 1 also on 10,000- and 1,000,000-file images (slow)")
+    parser.add_argument("--sizes", type=_csv_ints,
+                        help="image sizes for scenarios 1-2, comma-separated (overrides --full)")
+    parser.add_argument("--changes", type=_csv_ints, default=CHANGE_COUNTS,
+                        help="changed-file counts for scenario 3 (default 10,100,1000,10000)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every scenario once on tiny sizes, report to bench/out/ (for CI)")
+    parser.add_argument("--drivers", default=",".join(spec.label for spec in DRIVERS),
+                        help="comma-separated subset of: %(default)s")
+    parser.add_argument("--scenarios", type=_csv_ints, default=tuple(sorted(ALL_SCENARIOS)),
+                        help="comma-separated subset of 1-6 (default: all)")
+    parser.add_argument("--out", type=Path, help="where RESULTS.md, results.json and plots/ go "
+                        "(default bench/, or bench/out/ with --smoke)")
+    parser.add_argument("--rpc-clients", type=int, default=8)
+    parser.add_argument("--rpc-rounds", type=int,
+                        help="Get+Put pairs per client and run (default 500; 20 with --smoke)")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy the plugin during the import and scenarios 1-3 "
+                        "(bench/out/profile-*.svg)")
+    parser.add_argument("--timeout", type=float, default=3600.0,
+                        help="seconds one docker command may take (default %(default)s)")
+    args = parser.parse_args(argv)
+
+    files = args.files or (200 if args.smoke else 100_000)
+    if args.sizes:
+        sizes = tuple(sorted(set(args.sizes)))
+    elif args.full:
+        sizes = tuple(sorted({files, *FULL_SIZES}))
+    else:
+        sizes = (files,)
+    drivers = tuple(d.strip() for d in args.drivers.split(",") if d.strip())
+    known = {spec.label for spec in DRIVERS}
+    if not drivers or not set(drivers) <= known:
+        parser.error(f"--drivers: choose from {', '.join(sorted(known))}")
+    scenarios = frozenset(args.scenarios)
+    if not scenarios or not scenarios <= ALL_SCENARIOS:
+        parser.error("--scenarios: choose from 1-6")
+    repeat = args.repeat or (1 if args.smoke else 5)
+    if repeat < 1 or files < 1:
+        parser.error("--repeat and --files must be positive")
+    out = args.out or (BENCH_DIR / "out" if args.smoke else BENCH_DIR)
+    return Config(
+        repeat=repeat,
+        files=files,
+        sizes=sizes if files in sizes else tuple(sorted({*sizes, files})),
+        changes=tuple(sorted(set(args.changes))),
+        drivers=tuple(spec.label for spec in DRIVERS if spec.label in drivers),
+        scenarios=scenarios,
+        out_dir=out.resolve(),
+        workdir=Path("/var/tmp"),  # replaced by a fresh directory once the run can start
+        smoke=args.smoke,
+        rpc_clients=args.rpc_clients,
+        rpc_rounds=args.rpc_rounds or (20 if args.smoke else 500),
+        profile=args.profile,
+        timeout=args.timeout,
+        command=shlex.join(["bench/run", *argv]),
+    )
+
+
+def preflight() -> str | None:
+    """None if this machine can run the benchmark, else why not."""
+    reason = can_make_loop_filesystems()
+    if reason:
+        return reason
+    for tool in ("dockerd", "docker", "mkfs.ext4", "findmnt"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    if not Path("/bin/busybox").exists():
+        return "/bin/busybox is missing (apt-get install busybox-static)"
+    return None
+
+
+@contextlib.contextmanager
+def exclusive() -> Iterator[None]:
+    """One benchmark at a time: they share the plugin socket name and the loop-image folder."""
+    with open(LOCK, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit("bench/run: another benchmark is running (lock on /run)") from None
+        yield
+
+
+def _output(*cmd: str) -> str:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return done.stdout.strip() or "?"
+
+
+def machine_info() -> dict[str, str]:
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    mem_kib = next((int(line.split()[1]) for line in meminfo if line.startswith("MemTotal:")), 0)
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo
+                  if line.startswith("model name")), platform.processor() or "?")
+    commit = _output("git", "-C", str(BENCH_DIR.parent), "rev-parse", "--short", "HEAD")
+    dirty = _output("git", "-C", str(BENCH_DIR.parent), "status", "--porcelain")
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": _output("nproc"),
+        "memory": f"{mem_kib / 1024 / 1024:.1f} GiB",
+        "kernel": platform.release(),
+        "CPU model": model,
+        "dockerd": _output("dockerd", "--version"),
+        "docker CLI": _output("docker", "--version"),
+        "Python": platform.python_version(),
+        "snapdriver commit": commit + (" (work tree has uncommitted changes)"
+                                       if dirty not in ("", "?") else ""),
+        "load average at start (1, 5, 15 min)": " ".join(
+            Path("/proc/loadavg").read_text().split()[:3]
+        ),
+    }
+
+
+def _driver_status(text: str) -> str:
+    """``docker info``'s DriverStatus pairs as ``key: value; ...`` (Home paths left out)."""
+    try:
+        pairs = json.loads(text)
+    except json.JSONDecodeError:
+        return text.strip()
+    return "; ".join(f"{k}: {v}" for k, v in pairs if k not in ("Home", "Build Version"))
+
+
+def _load() -> str:
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
+def fs_sizes_mb(config: Config) -> dict[str, int]:
+    """Sparse loop images big enough (in space and, for ext4, in inodes) for the largest image."""
+    if config.smoke:
+        return {"btrfs": 2048, "ext4": 2048}
+    largest = config.largest
+    return {"btrfs": max(8192, largest // 1000 * 16), "ext4": max(16384, largest * 64 // 1000)}
+
+
+def _keep_logs(config: Config, label: str, workdir: Path) -> None:
+    target = config.logs_dir / label
+    target.mkdir(parents=True, exist_ok=True)
+    for log_file in workdir.rglob("*.log"):
+        shutil.copy(log_file, target / log_file.name)
+
+
+def run(config: Config, results: Results) -> None:
+    sizes = fs_sizes_mb(config)
+    for spec in DRIVERS:
+        if spec.label not in config.drivers:
+            continue
+        log(f"== {spec.label}: {spec.description}")
+        started, load = time.monotonic(), _load()
+        workdir = config.workdir / spec.label
+        try:
+            with environment(spec, workdir, sizes[spec.fstype], log) as env:
+                status = env.dockerd.docker("info", "--format", "{{json .DriverStatus}}")
+                results.driver_status[spec.label] = _driver_status(status.stdout)
+                try:
+                    Runner(env, config, results, log).run_all()
+                finally:
+                    env.sample_rss()
+                    results.peak_rss_kib[spec.label] = dict(env.peak_rss_kib)
+        except Exception as err:
+            results.fail(f"{spec.label}: set-up or tear-down failed: {err}")
+            log(f"  FAILED {spec.label}: {err}")
+        finally:
+            _keep_logs(config, spec.label, workdir)
+        took = duration(time.monotonic() - started)
+        results.driver_runs[spec.label] = {"duration": took, "load": f"{load}, {_load()}"}
+        log(f"== {spec.label} done in {took}")
+
+
+def leftovers() -> list[str]:
+    """Mounts or loop devices of this benchmark still present (there should be none)."""
+    state_root = str(loopfs.STATE_ROOT)
+    found = [line for line in _output("findmnt", "-rn", "-o", "TARGET").splitlines()
+             if line.startswith(state_root)]
+    found += [line for line in _output("losetup", "-a").splitlines() if state_root in line]
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(list(sys.argv[1:] if argv is None else argv))
+    reason = preflight()
+    if reason:
+        print(f"bench/run: cannot run here: {reason}", file=sys.stderr)
+        return 2
+    config = dataclasses.replace(
+        config, workdir=Path(tempfile.mkdtemp(prefix="snapbench-", dir="/var/tmp"))
+    )
+    os.environ["DOCKER_BUILDKIT"] = "0"  # scenario 5 measures the classic builder
+    raise_on_sigterm()
+    results = Results(drivers=list(config.drivers))
+    results.machine = machine_info()
+    interrupted = False
+    with exclusive():
+        if loopfs.STATE_ROOT.name == STATE_ROOT_NAME:
+            sweep_stale()  # only this benchmark's images from an earlier, killed run
+        log(f"{config.command}: drivers {', '.join(config.drivers)}, image sizes "
+            f"{', '.join(f'{s:,}' for s in config.sizes)}, repeat {config.repeat}")
+        try:
+            run(config, results)
+        except KeyboardInterrupt:
+            interrupted = True
+            log("interrupted: everything is stopped and released")
+        finally:
+            shutil.rmtree(config.workdir, ignore_errors=True)
+    stale = leftovers()
+    if stale:
+        results.fail(f"left mounted or attached: {stale}")
+    if interrupted:
+        return 130
+    results.machine["load average at end (1, 5, 15 min)"] = " ".join(
+        Path("/proc/loadavg").read_text().split()[:3]
+    )
+    results.machine["duration"] = duration(time.monotonic() - _STARTED)
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    plots: list[Path] = []
+    try:
+        plots = write_plots(results, config)
+    except ImportError:
+        message = "matplotlib is missing: no plots (.venv/bin/pip install matplotlib)"
+        (results.notes if config.smoke else results.failures).append(message)
+    results.save(config.out_dir / "results.json")
+    write_markdown(config.out_dir / "RESULTS.md", results, config, plots)
+    log(f"wrote {config.out_dir / 'RESULTS.md'} ({len(plots)} plots)")
+    for failure in results.failures:
+        log(f"FAILED: {failure}")
+    return 1 if results.failures else 0

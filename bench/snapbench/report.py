@@ -1,0 +1,241 @@
+"""RESULTS.md and the PNG plots, written from :class:`Results`."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from snapbench import results as m
+from snapbench.config import BENCH_DIR, Config
+from snapbench.env import DRIVERS
+from snapbench.results import Metric, Results
+
+REFERENCE = "snapdriver"
+COLOURS = {"snapdriver": "tab:red", "btrfs": "tab:blue", "overlay2": "tab:green", "vfs": "tab:gray"}
+
+
+def fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "—"
+    if unit == "s":
+        return f"{value:.3f} s" if value < 10 else f"{value:.1f} s"
+    if unit == "ms":
+        return f"{value:.2f} ms"
+    return f"{value:,.0f} {unit}"
+
+
+def ratio(results: Results, metric: Metric, peer: str) -> str:
+    ours, theirs = results.median(metric, REFERENCE), results.median(metric, peer)
+    if ours is None or theirs is None or theirs == 0:
+        return "—"
+    value = ours / theirs
+    return f"**{value:.2f}x**" if value < 1 else f"{value:.2f}x"
+
+
+def duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
+
+
+def _medians_table(results: Results, metrics: Sequence[Metric]) -> list[str]:
+    drivers = results.drivers
+    peers = [d for d in drivers if d != REFERENCE]
+    head = ["scenario", *drivers]
+    if REFERENCE in drivers:
+        head += [f"{REFERENCE} / {peer}" for peer in peers]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for metric in metrics:
+        label = f"{metric.scenario}. {metric.title}" if metric.scenario else metric.title
+        row = [label, *(fmt(results.median(metric, d), metric.unit) for d in drivers)]
+        if REFERENCE in drivers:
+            row += [ratio(results, metric, peer) if not metric.higher_is_better else "—"
+                    for peer in peers]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _headline(results: Results, files: int) -> list[str]:
+    diff, commit = m.diff_by_size(files), m.commit(files)
+    if diff not in results.samples and commit not in results.samples:
+        return []
+    lines = [
+        f"## Headline: 10 changed files on the {files:,}-file image",
+        "",
+        "| driver | `docker diff` | `docker commit` | snapdriver's diff is "
+        "| snapdriver's commit is |",
+        "|---|---|---|---|---|",
+    ]
+    for driver in results.drivers:
+        cells = [driver, fmt(results.median(diff, driver), "s"),
+                 fmt(results.median(commit, driver), "s")]
+        for metric in (diff, commit):
+            ours, theirs = results.median(metric, REFERENCE), results.median(metric, driver)
+            if driver == REFERENCE or ours is None or not theirs:
+                cells.append("—")
+            else:
+                factor = theirs / ours
+                cells.append(
+                    f"{factor:.1f}x faster" if factor >= 1 else f"{1 / factor:.1f}x slower"
+                )
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def write_markdown(path: Path, results: Results, config: Config, plots: Sequence[Path]) -> None:
+    machine = results.machine
+    readme = os.path.relpath(BENCH_DIR / "README.md", path.parent)
+    lines = [
+        "# snapdriver benchmark results",
+        "",
+        f"Written by `{config.command}` on {machine.get('date', '?')}; the run took "
+        f"{machine.get('duration', '?')}. How to run it and what each scenario measures: "
+        f"[README.md]({readme}). Raw samples: `results.json` beside this file.",
+        "",
+        "## Machine",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {key} | {value} |" for key, value in machine.items()
+          if key not in ("date", "duration")),
+        "",
+        "## Drivers",
+        "",
+        *(f"- **{spec.label}**: {spec.description}, its own dockerd and data root"
+          + (f" (`docker info`: {results.driver_status[spec.label]})"
+             if results.driver_status.get(spec.label) else "")
+          for spec in DRIVERS if spec.label in results.drivers),
+        "",
+        f"Each time is the wall time of one docker CLI command (so it includes the CLI's own "
+        f"start-up: see the floor row), repeated {config.repeat} time(s); the table gives the "
+        "median. Ratios are snapdriver's median over the peer's: **below 1 (bold) snapdriver is "
+        "faster**. Page cache is warm (nothing is dropped between repeats).",
+        "",
+        *_headline(results, config.files),
+        "## Medians",
+        "",
+        *_medians_table(results, results.metrics()),
+        "",
+        "## Peak memory and run conditions per driver",
+        "",
+        "Peak RSS is VmHWM from /proc/PID/status, read before each process is stopped. The load "
+        "average (1 min) is the machine's, read when the driver's run began and ended: other "
+        "work on the machine shows up there.",
+        "",
+        "| driver | plugin peak RSS | dockerd peak RSS | wall time | load at start, end |",
+        "|---|---|---|---|---|",
+    ]
+    for driver in results.drivers:
+        rss = results.peak_rss_kib.get(driver, {})
+        cells = [f"{rss[k] / 1024:.1f} MiB" if k in rss else "—" for k in ("plugin", "dockerd")]
+        run = results.driver_runs.get(driver, {})
+        lines.append(f"| {driver} | {cells[0]} | {cells[1]} | {run.get('duration', '—')} | "
+                     f"{run.get('load', '—')} |")
+    lines.append("")
+    if plots:
+        lines += ["## Plots", ""]
+        lines += [f"![{p.stem}]({p.relative_to(path.parent)})" for p in plots]
+        lines.append("")
+    consistency = _diff_consistency(results)
+    if consistency:
+        lines += ["## Do the drivers agree?", "", *consistency, ""]
+    if results.failures or results.notes:
+        lines += ["## Failures and notes", ""]
+        lines += [f"- FAILED: {failure}" for failure in results.failures]
+        lines += [f"- {note}" for note in results.notes]
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def _diff_consistency(results: Results) -> list[str]:
+    lines = []
+    for title, digests in sorted(results.diff_digests.items()):
+        if len(set(digests.values())) == 1:
+            lines.append(f"- {title}: identical `docker diff` output from {', '.join(digests)}")
+        else:
+            shown = ", ".join(f"{d}={h}" for d, h in digests.items())
+            lines.append(f"- {title}: **outputs differ** ({shown})")
+    return lines
+
+
+# -- plots -----------------------------------------------------------------------------------
+
+
+def write_plots(results: Results, config: Config) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    config.plots_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    size_plot = config.plots_dir / "diff_vs_image_size.png"
+    if _line_plot(results, "diff", size_plot, "files in the image",
+                  "`docker diff` of a container with 10 changed files"):
+        written.append(size_plot)
+    changes_plot = config.plots_dir / "diff_vs_changed_files.png"
+    if _line_plot(results, "diff-changes", changes_plot, "changed files",
+                  f"`docker diff` on the {config.files:,}-file image"):
+        written.append(changes_plot)
+    summary_plot = config.plots_dir / "summary.png"
+    if _summary_plot(results, config, summary_plot):
+        written.append(summary_plot)
+    return written
+
+
+def _line_plot(results: Results, key: str, path: Path, xlabel: str, title: str) -> bool:
+    import matplotlib.pyplot as plt
+
+    metrics = results.metrics(key=key)
+    if not metrics:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for driver in results.drivers:
+        points = [(mt.param, results.samples[mt][driver]) for mt in metrics
+                  if driver in results.samples[mt]]
+        if not points:
+            continue
+        xs = [x for x, _ in points]
+        medians = [statistics.median(v) for _, v in points]
+        low = [med - min(v) for med, (_, v) in zip(medians, points, strict=True)]
+        high = [max(v) - med for med, (_, v) in zip(medians, points, strict=True)]
+        ax.errorbar(xs, medians, yerr=[low, high], marker="o", capsize=3, label=driver,
+                    color=COLOURS.get(driver))
+        for x, y in zip(xs, medians, strict=True):
+            ax.annotate(fmt(y, "s"), (x, y), textcoords="offset points", xytext=(6, 4),
+                        fontsize=7, color=COLOURS.get(driver))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel + " (log)")
+    ax.set_ylabel("seconds, median (bars: min-max), log")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _summary_plot(results: Results, config: Config, path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    wanted = [m.diff_by_size(config.files), m.commit(config.files), m.run_true(), m.build()]
+    metrics = [mt for mt in wanted if mt in results.samples]
+    if not metrics:
+        return False
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 4), dpi=110,
+                             squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        drivers = [d for d in results.drivers if results.median(metric, d) is not None]
+        values = [results.median(metric, d) or 0.0 for d in drivers]
+        bars = ax.bar(drivers, values, color=[COLOURS.get(d, "tab:purple") for d in drivers])
+        ax.bar_label(bars, labels=[fmt(v, "s") for v in values], fontsize=7)
+        ax.set_title(metric.title.replace("`", ""), fontsize=8, wrap=True)
+        ax.set_ylabel("seconds (median)")
+        ax.tick_params(axis="x", labelsize=8)
+        ax.margins(y=0.15)
+    fig.suptitle("Median wall time per driver (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
