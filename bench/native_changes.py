@@ -18,11 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import btrfsutil
+from snapdriver_btrfs import ioctl
+from snapdriver_btrfs.native import native_changes
 
 from snapdriver.layers.changes import Change, walk_changes
 from snapdriver.testing.loopfs import can_make_loop_filesystems, loop_filesystem
-from snapdriver_btrfs import ioctl
-from snapdriver_btrfs.native import native_changes
 
 FILES_PER_DIR = 1000
 

@@ -69,7 +69,6 @@ def parse_storage_opt(storage_opt: Mapping[str, str]) -> int | None:
 class DiffJob:
     """A Diff whose checks passed: :meth:`stream` writes the tar; nothing can fail before it."""
 
-    driver: Driver
     layer: str
     layer_dir: Path
     changes: list[Change] | None  # None: the whole layer (no parent)
@@ -366,7 +365,7 @@ class Driver:
         """Everything that can fail happens before the job is yielded (and the reply begins)."""
         async with self._mounted(layer) as (layer_dir,):
             changes = await self.changes(layer, parent) if parent else None
-            yield DiffJob(self, layer, layer_dir, changes)
+            yield DiffJob(layer, layer_dir, changes)
 
     async def apply_diff(self, layer: str, parent: str | None, stream: IO[bytes]) -> int:
         async with self._locked(layer):

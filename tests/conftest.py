@@ -21,6 +21,7 @@ from snapdriver.testing.loopfs import (
     loop_filesystem,
     sweep_stale,
 )
+from snapdriver.testing.process import SOCKETS
 
 REQUIRED = {t for t in os.environ.get("SNAPDRIVER_REQUIRE_TIERS", "").split(",") if t}
 
@@ -76,7 +77,7 @@ def host_leftovers() -> dict[str, list[str]]:
     ours = [str(workdir) for workdir in MADE]
     mounts = [m for m in _lines("findmnt", "-rn", "-o", "TARGET") if any(w in m for w in ours)]
     loops = [line for line in _lines("losetup", "-a") if any(w in line for w in ours)]
-    sockets = [str(p) for p in Path("/run/docker/plugins").glob("sd*.sock")]
+    sockets = [str(path) for path in SOCKETS if os.path.lexists(path)]
     return {"mounts": mounts, "loop devices": loops, "plugin sockets": sockets}
 
 

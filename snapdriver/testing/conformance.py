@@ -108,7 +108,10 @@ class Conformance:
     @pytest.fixture(scope="class")
     @classmethod
     def plugin(
-        cls, snapdriver_home: Path, tmp_path_factory: pytest.TempPathFactory
+        cls,
+        snapdriver_home: Path,
+        snapdriver_init_options: list[str] | None,
+        tmp_path_factory: pytest.TempPathFactory,
     ) -> Iterator[Plugin]:
         if not cls.backend:
             pytest.fail("set `backend = NAME` on the Conformance subclass")
@@ -118,7 +121,12 @@ class Conformance:
         home = snapdriver_home / process.name
         plugin = Plugin(process, home)
         try:
-            init = {"Home": str(home), "Opts": cls.init_options, "UIDMaps": None, "GIDMaps": None}
+            init = {
+                "Home": str(home),
+                "Opts": snapdriver_init_options or cls.init_options,
+                "UIDMaps": None,
+                "GIDMaps": None,
+            }
             plugin.client.call("GraphDriver.Init", init)
             yield plugin
             leftovers = plugin.call("Status")

@@ -61,11 +61,23 @@ def _unmount_tree(mountpoint: Path) -> None:
 
 
 def sweep_stale() -> None:
-    """Release every image an earlier run under :data:`STATE_ROOT` left behind."""
+    """Release the images under :data:`STATE_ROOT` whose owning process has died.
+
+    Images of runs still alive (another test session on the same machine) are left alone.
+    """
     if not STATE_ROOT.is_dir():
         return
     for entry in STATE_ROOT.glob(PREFIX + "*"):
-        _release(entry)
+        if not _owner_alive(entry):
+            _release(entry)
+
+
+def _owner_alive(workdir: Path) -> bool:
+    try:
+        pid = int((workdir / "owner.pid").read_text())
+    except (OSError, ValueError):
+        return False
+    return pid != os.getpid() and Path(f"/proc/{pid}").exists()
 
 
 def _release(workdir: Path) -> None:
@@ -80,6 +92,7 @@ def loop_filesystem(fstype: str = "btrfs", size_mb: int = 1024) -> Iterator[Path
     STATE_ROOT.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=PREFIX, dir=STATE_ROOT))
     MADE.append(workdir)
+    (workdir / "owner.pid").write_text(str(os.getpid()))
     image, mnt = workdir / "image", workdir / "mnt"
     try:
         with open(image, "wb") as handle:

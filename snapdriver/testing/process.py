@@ -15,6 +15,9 @@ from urllib.parse import urlsplit
 
 from snapdriver.protocol.client import PluginClient
 
+#: Unix sockets of the plugins this process started, for leak checks.
+SOCKETS: list[Path] = []
+
 
 class PluginProcess:
     """``python -m snapdriver --backend NAME`` on a private unix socket, restartable."""
@@ -37,6 +40,7 @@ class PluginProcess:
         self.log_path = workdir / "plugin.log"
         self.extra_args = list(extra_args)
         self.listen = listen
+        SOCKETS.append(self.socket)
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -485,9 +485,10 @@ def test_nested_subvolumes(btrfs_root: Path) -> None:
 
     with layer_pair(btrfs_root, build, lambda c: None) as (child, parent):
         btrfsutil.set_subvolume_read_only(str(child), False)
+        # As Docker-in-Docker does: one subvolume out, another with a name as long in.
         (child / "d/old").rmdir()
-        btrfsutil.create_subvolume(str(child / "nested"))
         btrfsutil.create_subvolume(str(child / "d/new"))
+        btrfsutil.create_subvolume(str(child / "nested"))
         write(child / "nested/inner", "in\n")
         snapshot = child.parent / "child.snap"
         btrfsutil.create_snapshot(str(child), str(snapshot), read_only=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -178,6 +179,25 @@ def test_eight_parallel_runs(env: Env) -> None:
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         outs = list(pool.map(lambda i: env.run("--rm", "bb:1", "echo", f"run-{i}"), range(8)))
     assert sorted(o.strip() for o in outs) == sorted(f"run-{i}" for i in range(8))
+
+
+def test_sweep_reclaims_layers_dockerd_forgot(env: Env) -> None:
+    """dockerd leaks an -init layer when Get fails right after its create; make one the same way
+    (CreateReadWrite on the image's top layer, no Get) and let the sweep command find it."""
+    top = next(p for p in subvolumes(env.home) if not p.endswith("-init"))
+    leaked = "f" * 64 + "-init"
+    with env.plugin.client() as client:
+        client.call("GraphDriver.CreateReadWrite", {"ID": leaked, "Parent": top})
+    before = set(subvolumes(env.home))
+    done = subprocess.run(
+        [sys.executable, "-m", "snapdriver", "sweep", "--listen", env.plugin.address,
+         "--min-age", "0"], capture_output=True, text=True, check=False, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert leaked in done.stdout and done.stdout.startswith("removed 1 orphan")
+    assert set(subvolumes(env.home)) == before - {leaked}
+    assert env.run("--rm", "bb:1", "echo", "still-fine").strip() == "still-fine"
+    assert "A /hello" in env.docker("diff", "c1").stdout
 
 
 def test_removing_everything_leaves_no_subvolume(env: Env) -> None:

@@ -80,7 +80,7 @@ def _error(err: OSError, what: str, path: Path | str) -> OSError:
 def _opened(path: Path | str, what: str) -> Iterator[int]:
     """A read-only descriptor for ``path`` (a directory or file), closed on exit."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as err:
         raise _error(err, f"{what} (open)", path) from err
     try:
@@ -102,14 +102,11 @@ def _call(fd: int, request: int, arg: bytes | bytearray, what: str, path: Path |
 
 def subvolume_id(path: Path | str) -> int:
     """The id of the subvolume that contains ``path`` (``BTRFS_IOC_INO_LOOKUP``, unprivileged)."""
-    with _opened(path, "BTRFS_IOC_INO_LOOKUP") as fd:
-        return _tree_id(fd, path)
-
-
-def _tree_id(fd: int, path: Path | str) -> int:
     args = bytearray(_INO_LOOKUP_SIZE)
+    # treeid 0 asks for the fd's own tree; objectid 256 skips the (privileged) path lookup.
     struct.pack_into("<QQ", args, 0, 0, _FIRST_FREE_OBJECTID)
-    _call(fd, IOC_INO_LOOKUP, args, "BTRFS_IOC_INO_LOOKUP", path)
+    with _opened(path, "BTRFS_IOC_INO_LOOKUP") as fd:
+        _call(fd, IOC_INO_LOOKUP, args, "BTRFS_IOC_INO_LOOKUP", path)
     return int.from_bytes(args[:8], "little")
 
 
@@ -141,7 +138,9 @@ def send(
     if parent is not None:
         if filesystem_uuid(parent) != filesystem_uuid(subvol):
             # Subvolume ids are per filesystem: the kernel would diff against the wrong tree.
-            raise OSError(errno.EXDEV, f"send parent {parent} is on another filesystem", subvol)
+            raise OSError(
+                errno.EXDEV, f"send parent {parent} is on another filesystem", os.fspath(subvol)
+            )
         parent_root = subvolume_id(parent)
         clone_sources[0] = parent_root
         count = 1
