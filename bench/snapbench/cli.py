@@ -36,8 +36,9 @@ _STARTED = time.monotonic()
 
 def log(message: str) -> None:
     elapsed = time.monotonic() - _STARTED
-    print(f"[{int(elapsed) // 60:3d}:{int(elapsed) % 60:02d}] {message}", file=sys.stderr,
-          flush=True)
+    print(
+        f"[{int(elapsed) // 60:3d}:{int(elapsed) % 60:02d}] {message}", file=sys.stderr, flush=True
+    )
 
 
 def _csv_ints(text: str) -> tuple[int, ...]:
@@ -49,32 +50,69 @@ def parse_args(argv: Sequence[str]) -> Config:
         prog="bench/run",
         description="snapdriver (btrfs backend) against dockerd's btrfs, overlay2 and vfs drivers.",
     )
-    parser.add_argument("--repeat", type=int, help="runs per measurement, median reported "
-                        "(default 5; 1 with --smoke)")
-    parser.add_argument("--files", type=int, help="files in the main image (default 100000; 200 "
-                        "with --smoke)")
-    parser.add_argument("--full", action="store_true",
-                        help="scenario 1 also on 10,000- and 1,000,000-file images (slow)")
-    parser.add_argument("--sizes", type=_csv_ints,
-                        help="image sizes for scenarios 1-2, comma-separated (overrides --full)")
-    parser.add_argument("--changes", type=_csv_ints, default=CHANGE_COUNTS,
-                        help="changed-file counts for scenario 3 (default 10,100,1000,10000)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="every scenario once on tiny sizes, report to bench/out/ (for CI)")
-    parser.add_argument("--drivers", default=",".join(spec.label for spec in DRIVERS),
-                        help="comma-separated subset of: %(default)s")
-    parser.add_argument("--scenarios", type=_csv_ints, default=tuple(sorted(ALL_SCENARIOS)),
-                        help="comma-separated subset of 1-6 (default: all)")
-    parser.add_argument("--out", type=Path, help="where RESULTS.md, results.json and plots/ go "
-                        "(default bench/, or bench/out/ with --smoke)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        help="runs per measurement, median reported (default 5; 1 with --smoke)",
+    )
+    parser.add_argument(
+        "--files", type=int, help="files in the main image (default 100000; 200 with --smoke)"
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="scenario 1 also on 10,000- and 1,000,000-file images (slow)",
+    )
+    parser.add_argument(
+        "--sizes",
+        type=_csv_ints,
+        help="image sizes for scenarios 1-2, comma-separated (overrides --full)",
+    )
+    parser.add_argument(
+        "--changes",
+        type=_csv_ints,
+        default=CHANGE_COUNTS,
+        help="changed-file counts for scenario 3 (default 10,100,1000,10000)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="every scenario once on tiny sizes, report to bench/out/ (for CI)",
+    )
+    parser.add_argument(
+        "--drivers",
+        default=",".join(spec.label for spec in DRIVERS),
+        help="comma-separated subset of: %(default)s",
+    )
+    parser.add_argument(
+        "--scenarios",
+        type=_csv_ints,
+        default=tuple(sorted(ALL_SCENARIOS)),
+        help="comma-separated subset of 1-6 (default: all)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="where RESULTS.md, results.json and plots/ go "
+        "(default bench/, or bench/out/ with --smoke)",
+    )
     parser.add_argument("--rpc-clients", type=int, default=8)
-    parser.add_argument("--rpc-rounds", type=int,
-                        help="Get+Put pairs per client and run (default 500; 20 with --smoke)")
-    parser.add_argument("--profile", action="store_true",
-                        help="py-spy the plugin during the import and scenarios 1-3 "
-                        "(bench/out/profile-*.svg)")
-    parser.add_argument("--timeout", type=float, default=3600.0,
-                        help="seconds one docker command may take (default %(default)s)")
+    parser.add_argument(
+        "--rpc-rounds",
+        type=int,
+        help="Get+Put pairs per client and run (default 500; 20 with --smoke)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the plugin during the import and scenarios 1-3 (bench/out/profile-*.svg)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        help="seconds one docker command may take (default %(default)s)",
+    )
     args = parser.parse_args(argv)
 
     files = args.files or (200 if args.smoke else 100_000)
@@ -149,8 +187,10 @@ def machine_info() -> dict[str, str]:
     meminfo = Path("/proc/meminfo").read_text().splitlines()
     mem_kib = next((int(line.split()[1]) for line in meminfo if line.startswith("MemTotal:")), 0)
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo
-                  if line.startswith("model name")), platform.processor() or "?")
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+        platform.processor() or "?",
+    )
     commit = _output("git", "-C", str(BENCH_DIR.parent), "rev-parse", "--short", "HEAD")
     dirty = _output("git", "-C", str(BENCH_DIR.parent), "status", "--porcelain")
     return {
@@ -162,8 +202,8 @@ def machine_info() -> dict[str, str]:
         "dockerd": _output("dockerd", "--version"),
         "docker CLI": _output("docker", "--version"),
         "Python": platform.python_version(),
-        "snapdriver commit": commit + (" (work tree has uncommitted changes)"
-                                       if dirty not in ("", "?") else ""),
+        "snapdriver commit": commit
+        + (" (work tree has uncommitted changes)" if dirty not in ("", "?") else ""),
         "load average at start (1, 5, 15 min)": " ".join(
             Path("/proc/loadavg").read_text().split()[:3]
         ),
@@ -176,6 +216,8 @@ def _driver_status(text: str) -> str:
         pairs = json.loads(text)
     except json.JSONDecodeError:
         return text.strip()
+    if not isinstance(pairs, list):
+        return ""  # vfs reports no status at all (null)
     return "; ".join(f"{k}: {v}" for k, v in pairs if k not in ("Home", "Build Version"))
 
 
@@ -228,8 +270,11 @@ def run(config: Config, results: Results) -> None:
 def leftovers() -> list[str]:
     """Mounts or loop devices of this benchmark still present (there should be none)."""
     state_root = str(loopfs.STATE_ROOT)
-    found = [line for line in _output("findmnt", "-rn", "-o", "TARGET").splitlines()
-             if line.startswith(state_root)]
+    found = [
+        line
+        for line in _output("findmnt", "-rn", "-o", "TARGET").splitlines()
+        if line.startswith(state_root)
+    ]
     found += [line for line in _output("losetup", "-a").splitlines() if state_root in line]
     return found
 
@@ -251,8 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with exclusive():
         if loopfs.STATE_ROOT.name == STATE_ROOT_NAME:
             sweep_stale()  # only this benchmark's images from an earlier, killed run
-        log(f"{config.command}: drivers {', '.join(config.drivers)}, image sizes "
-            f"{', '.join(f'{s:,}' for s in config.sizes)}, repeat {config.repeat}")
+        log(
+            f"{config.command}: drivers {', '.join(config.drivers)}, image sizes "
+            f"{', '.join(f'{s:,}' for s in config.sizes)}, repeat {config.repeat}"
+        )
         try:
             run(config, results)
         except KeyboardInterrupt:

@@ -95,9 +95,7 @@ class Environment:
 
     @property
     def plugin_pid(self) -> int | None:
-        # PluginProcess keeps its Popen private; the pid is what /proc needs.
-        proc = self.plugin._proc if self.plugin is not None else None
-        return proc.pid if proc is not None and proc.poll() is None else None
+        return self.plugin.pid if self.plugin is not None else None
 
     @property
     def dockerd_pid(self) -> int | None:

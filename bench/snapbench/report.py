@@ -6,11 +6,15 @@ import os
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from snapbench import results as m
 from snapbench.config import BENCH_DIR, Config
 from snapbench.env import DRIVERS
 from snapbench.results import Metric, Results
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 REFERENCE = "snapdriver"
 COLOURS = {"snapdriver": "tab:red", "btrfs": "tab:blue", "overlay2": "tab:green", "vfs": "tab:gray"}
@@ -31,7 +35,8 @@ def ratio(results: Results, metric: Metric, peer: str) -> str:
     if ours is None or theirs is None or theirs == 0:
         return "—"
     value = ours / theirs
-    return f"**{value:.2f}x**" if value < 1 else f"{value:.2f}x"
+    text = f"{value:.2g}x" if value < 0.1 else f"{value:.2f}x"
+    return f"**{text}**" if value < 1 else text
 
 
 def duration(seconds: float) -> str:
@@ -50,8 +55,10 @@ def _medians_table(results: Results, metrics: Sequence[Metric]) -> list[str]:
         label = f"{metric.scenario}. {metric.title}" if metric.scenario else metric.title
         row = [label, *(fmt(results.median(metric, d), metric.unit) for d in drivers)]
         if REFERENCE in drivers:
-            row += [ratio(results, metric, peer) if not metric.higher_is_better else "—"
-                    for peer in peers]
+            row += [
+                ratio(results, metric, peer) if not metric.higher_is_better else "—"
+                for peer in peers
+            ]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -68,8 +75,11 @@ def _headline(results: Results, files: int) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for driver in results.drivers:
-        cells = [driver, fmt(results.median(diff, driver), "s"),
-                 fmt(results.median(commit, driver), "s")]
+        cells = [
+            driver,
+            fmt(results.median(diff, driver), "s"),
+            fmt(results.median(commit, driver), "s"),
+        ]
         for metric in (diff, commit):
             ours, theirs = results.median(metric, REFERENCE), results.median(metric, driver)
             if driver == REFERENCE or ours is None or not theirs:
@@ -97,15 +107,24 @@ def write_markdown(path: Path, results: Results, config: Config, plots: Sequence
         "",
         "| | |",
         "|---|---|",
-        *(f"| {key} | {value} |" for key, value in machine.items()
-          if key not in ("date", "duration")),
+        *(
+            f"| {key} | {value} |"
+            for key, value in machine.items()
+            if key not in ("date", "duration")
+        ),
         "",
         "## Drivers",
         "",
-        *(f"- **{spec.label}**: {spec.description}, its own dockerd and data root"
-          + (f" (`docker info`: {results.driver_status[spec.label]})"
-             if results.driver_status.get(spec.label) else "")
-          for spec in DRIVERS if spec.label in results.drivers),
+        *(
+            f"- **{spec.label}**: {spec.description}, its own dockerd and data root"
+            + (
+                f" (`docker info`: {results.driver_status[spec.label]})"
+                if results.driver_status.get(spec.label)
+                else ""
+            )
+            for spec in DRIVERS
+            if spec.label in results.drivers
+        ),
         "",
         f"Each time is the wall time of one docker CLI command (so it includes the CLI's own "
         f"start-up: see the floor row), repeated {config.repeat} time(s); the table gives the "
@@ -130,8 +149,10 @@ def write_markdown(path: Path, results: Results, config: Config, plots: Sequence
         rss = results.peak_rss_kib.get(driver, {})
         cells = [f"{rss[k] / 1024:.1f} MiB" if k in rss else "—" for k in ("plugin", "dockerd")]
         run = results.driver_runs.get(driver, {})
-        lines.append(f"| {driver} | {cells[0]} | {cells[1]} | {run.get('duration', '—')} | "
-                     f"{run.get('load', '—')} |")
+        lines.append(
+            f"| {driver} | {cells[0]} | {cells[1]} | {run.get('duration', '—')} | "
+            f"{run.get('load', '—')} |"
+        )
     lines.append("")
     if plots:
         lines += ["## Plots", ""]
@@ -141,7 +162,7 @@ def write_markdown(path: Path, results: Results, config: Config, plots: Sequence
     if consistency:
         lines += ["## Do the drivers agree?", "", *consistency, ""]
     if results.failures or results.notes:
-        lines += ["## Failures and notes", ""]
+        lines += ["## Failures and notes" if results.failures else "## Notes", ""]
         lines += [f"- FAILED: {failure}" for failure in results.failures]
         lines += [f"- {note}" for note in results.notes]
         lines.append("")
@@ -169,12 +190,22 @@ def write_plots(results: Results, config: Config) -> list[Path]:
     config.plots_dir.mkdir(parents=True, exist_ok=True)
     written = []
     size_plot = config.plots_dir / "diff_vs_image_size.png"
-    if _line_plot(results, "diff", size_plot, "files in the image",
-                  "`docker diff` of a container with 10 changed files"):
+    if _line_plot(
+        results,
+        "diff",
+        size_plot,
+        "files in the image",
+        "`docker diff` of a container with 10 changed files",
+    ):
         written.append(size_plot)
     changes_plot = config.plots_dir / "diff_vs_changed_files.png"
-    if _line_plot(results, "diff-changes", changes_plot, "changed files",
-                  f"`docker diff` on the {config.files:,}-file image"):
+    if _line_plot(
+        results,
+        "diff-changes",
+        changes_plot,
+        "changed files",
+        f"`docker diff` on the {config.files:,}-file image",
+    ):
         written.append(changes_plot)
     summary_plot = config.plots_dir / "summary.png"
     if _summary_plot(results, config, summary_plot):
@@ -189,20 +220,36 @@ def _line_plot(results: Results, key: str, path: Path, xlabel: str, title: str) 
     if not metrics:
         return False
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    labels: dict[int, list[tuple[float, str, str]]] = {}
     for driver in results.drivers:
-        points = [(mt.param, results.samples[mt][driver]) for mt in metrics
-                  if driver in results.samples[mt]]
+        points = [
+            (mt.param, results.samples[mt][driver])
+            for mt in metrics
+            if driver in results.samples[mt]
+        ]
         if not points:
             continue
         xs = [x for x, _ in points]
         medians = [statistics.median(v) for _, v in points]
         low = [med - min(v) for med, (_, v) in zip(medians, points, strict=True)]
         high = [max(v) - med for med, (_, v) in zip(medians, points, strict=True)]
-        ax.errorbar(xs, medians, yerr=[low, high], marker="o", capsize=3, label=driver,
-                    color=COLOURS.get(driver))
+        colour = COLOURS.get(driver, "tab:purple")
+        ax.errorbar(
+            xs, medians, yerr=[low, high], marker="o", capsize=3, label=driver, color=colour
+        )
         for x, y in zip(xs, medians, strict=True):
-            ax.annotate(fmt(y, "s"), (x, y), textcoords="offset points", xytext=(6, 4),
-                        fontsize=7, color=COLOURS.get(driver))
+            labels.setdefault(x, []).append((y, fmt(y, "s"), colour))
+    if len(metrics) == 1:
+        ax.text(
+            0.02,
+            0.97,
+            "one size in this run: `bench/run --full` draws the curve",
+            transform=ax.transAxes,
+            fontsize=8,
+            color="dimgray",
+            va="top",
+        )
+    ax.margins(x=0.08, y=0.12)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(xlabel + " (log)")
@@ -211,9 +258,30 @@ def _line_plot(results: Results, key: str, path: Path, xlabel: str, title: str) 
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    _place_labels(ax, labels)  # last: it needs the final layout
     fig.savefig(path)
     plt.close(fig)
     return True
+
+
+def _place_labels(ax: Axes, labels: dict[int, list[tuple[float, str, str]]]) -> None:
+    """Value labels right of each point, pushed apart vertically so that none overlap."""
+    ax.autoscale_view()
+    gap = 11.0  # pixels between label baselines
+    for x, entries in labels.items():
+        previous = -1e9
+        for y, text, colour in sorted(entries):
+            at = float(ax.transData.transform((x, y))[1])
+            placed = max(at, previous + gap)
+            previous = placed
+            ax.annotate(
+                text,
+                (x, y),
+                textcoords="offset pixels",
+                xytext=(8, placed - at - 4),
+                fontsize=7,
+                color=colour,
+            )
 
 
 def _summary_plot(results: Results, config: Config, path: Path) -> bool:
@@ -223,8 +291,9 @@ def _summary_plot(results: Results, config: Config, path: Path) -> bool:
     metrics = [mt for mt in wanted if mt in results.samples]
     if not metrics:
         return False
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 4), dpi=110,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(3.6 * len(metrics), 4), dpi=110, squeeze=False
+    )
     for ax, metric in zip(axes[0], metrics, strict=True):
         drivers = [d for d in results.drivers if results.median(metric, d) is not None]
         values = [results.median(metric, d) or 0.0 for d in drivers]

@@ -44,7 +44,10 @@ def commit(files: int) -> Metric:
 
 def diff_by_changes(changed: int, files: int) -> Metric:
     return Metric(
-        3, "diff-changes", changed, "s",
+        3,
+        "diff-changes",
+        changed,
+        "s",
         f"`docker diff`, {changed:,} of the {files:,} files changed",
     )
 
@@ -100,7 +103,8 @@ class Results:
 
     def metrics(self, scenario: int | None = None, key: str | None = None) -> list[Metric]:
         return sorted(
-            m for m in self.samples
+            m
+            for m in self.samples
             if (scenario is None or m.scenario == scenario) and (key is None or m.key == key)
         )
 
@@ -118,8 +122,12 @@ class Results:
             "driver_runs": self.driver_runs,
             "driver_status": self.driver_status,
             "samples": [
-                {**asdict(metric), "driver": driver, "samples": values,
-                 "median": statistics.median(values)}
+                {
+                    **asdict(metric),
+                    "driver": driver,
+                    "samples": values,
+                    "median": statistics.median(values),
+                }
                 for metric in sorted(self.samples)
                 for driver, values in self.samples[metric].items()
             ],

@@ -36,8 +36,10 @@ def get_put_load(address: str, clients: int, rounds: int, prefix: str = "sdbench
     layers = [f"{prefix}-{i}" for i in range(clients)]
     with PluginClient(address) as admin:
         for layer in layers:
-            admin.call("GraphDriver.Create", {"ID": layer, "Parent": "", "MountLabel": "",
-                                              "StorageOpt": {}})
+            admin.call(
+                "GraphDriver.Create",
+                {"ID": layer, "Parent": "", "MountLabel": "", "StorageOpt": {}},
+            )
     round_trips: list[list[float]] = [[] for _ in layers]
     requests: list[list[float]] = [[] for _ in layers]
     errors: list[BaseException] = []

@@ -92,9 +92,22 @@ class Runner:
         self.config.scratch_dir.mkdir(parents=True, exist_ok=True)
         svg = self.config.scratch_dir / f"profile-{name}.svg"
         proc = subprocess.Popen(
-            [spy, "record", "--pid", str(pid), "--rate", "250", "--threads", "--idle",
-             "--output", str(svg), "--format", "flamegraph"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--rate",
+                "250",
+                "--threads",
+                "--idle",
+                "--output",
+                str(svg),
+                "--format",
+                "flamegraph",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             yield
@@ -153,9 +166,11 @@ class Runner:
                 for count in cfg.changes:
                     if not layout.can_change(count):
                         continue
-                    with self.guarded(f"scenario 3: {count:,} changed files"), \
-                            self.changed_container(tag, layout, count) as name, \
-                            self.profiled(f"diff-{count}-of-{layout.files}"):
+                    with (
+                        self.guarded(f"scenario 3: {count:,} changed files"),
+                        self.changed_container(tag, layout, count) as name,
+                        self.profiled(f"diff-{count}-of-{layout.files}"),
+                    ):
                         self.diff(name, m.diff_by_changes(count, layout.files), count)
         finally:
             self.docker("rmi", "-f", tag)
@@ -164,8 +179,17 @@ class Runner:
     def changed_container(self, image: str, layout: FileLayout, count: int) -> Iterator[str]:
         name = f"sdbench-c{count}"
         self.docker("rm", "-f", name, check=False)
-        seconds, _ = self.timed("run", "--name", name, "--network", "none", image, "sh", "-c",
-                                layout.change_script(count))
+        seconds, _ = self.timed(
+            "run",
+            "--name",
+            name,
+            "--network",
+            "none",
+            image,
+            "sh",
+            "-c",
+            layout.change_script(count),
+        )
         self.log(f"    container {name} changed {count:,} files ({seconds:.1f}s)")
         try:
             yield name
@@ -217,8 +241,9 @@ class Runner:
             write_build_context(context, SMALL_IMAGE)
         for i in range(self.config.repeat):
             image = f"sdbench-built-{i}"
-            seconds, _ = self.timed("build", "--no-cache", "--network", "none", "-t", image,
-                                    str(context))
+            seconds, _ = self.timed(
+                "build", "--no-cache", "--network", "none", "-t", image, str(context)
+            )
             self.record(m.build(), seconds)
             if i == 0:
                 out = self.docker("run", "--rm", "--network", "none", image, "cat", "/app/count")

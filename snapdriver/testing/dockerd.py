@@ -136,6 +136,11 @@ class Dockerd:
                 self._proc.kill()
                 self._proc.wait()
         self._proc = None
+        # dockerd leaves its exec root behind (and mounts in it only while running).
+        subprocess.run(
+            ["umount", "-R", "-l", str(self.exec_root)], capture_output=True, check=False
+        )
+        shutil.rmtree(self.exec_root, ignore_errors=True)
 
     def restart(self) -> None:
         self.stop()

@@ -78,6 +78,11 @@ class PluginProcess:
             time.sleep(0.05)
         raise RuntimeError(f"snapdriver did not start in {timeout}s:\n{self.log_tail()}")
 
+    @property
+    def pid(self) -> int | None:
+        """The running daemon's process ID, or None when it is not running."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
     def _listening(self) -> bool:
         url = urlsplit(self.address)
         if url.scheme == "tcp":  # possibly TLS: a TCP connect is all we can check here

@@ -190,8 +190,20 @@ def test_sweep_reclaims_layers_dockerd_forgot(env: Env) -> None:
         client.call("GraphDriver.CreateReadWrite", {"ID": leaked, "Parent": top})
     before = set(subvolumes(env.home))
     done = subprocess.run(
-        [sys.executable, "-m", "snapdriver", "sweep", "--listen", env.plugin.address,
-         "--min-age", "0"], capture_output=True, text=True, check=False, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "snapdriver",
+            "sweep",
+            "--listen",
+            env.plugin.address,
+            "--min-age",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert leaked in done.stdout and done.stdout.startswith("removed 1 orphan")
