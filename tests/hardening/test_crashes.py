@@ -167,6 +167,7 @@ def test_sigkill_at_random_points(harness: Harness) -> None:
     for _ in range(KILLS):
         op = harness.rng.choice(sorted(WINDOWS))
         call, target, kind = run_op(harness, op, plugin.process.address)
+
         def attempt(call: Callable[[], object] = call) -> None:
             # The call may succeed or die with the plugin; only what follows is checked.
             with contextlib.suppress(OSError, PluginCallError, ValueError):
