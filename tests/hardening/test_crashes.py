@@ -16,8 +16,8 @@ import tarfile
 import threading
 import time
 import uuid
-from http.client import HTTPException
 from collections.abc import Callable, Iterator
+from http.client import HTTPException
 from pathlib import Path
 
 import pytest
