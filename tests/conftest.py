@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -81,7 +81,19 @@ def host_leftovers() -> dict[str, list[str]]:
     return {"mounts": mounts, "loop devices": loops, "plugin sockets": sockets}
 
 
+#: One line per tier that measured something (kills survived, requests tried, ...).
+FIGURES: list[str] = []
+
+
+@pytest.fixture
+def figure() -> Callable[[str], None]:
+    """Report a tier's figure: it is printed in the run's summary, where CI output shows it."""
+    return FIGURES.append
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for line in FIGURES:
+        terminalreporter.write_line(line)
     if not LEAKS:
         return
     figure = ", ".join(f"{kind}={len(found)}" for kind, found in LEAKS.items())

@@ -163,7 +163,7 @@ def run_op(harness: Harness, op: str, address: str) -> tuple[Callable[[], object
     )
 
 
-def test_sigkill_at_random_points(harness: Harness) -> None:
+def test_sigkill_at_random_points(harness: Harness, figure: Callable[[str], None]) -> None:
     plugin = harness.plugin
     for _ in range(KILLS):
         op = harness.rng.choice(sorted(WINDOWS))
@@ -203,7 +203,6 @@ def test_sigkill_at_random_points(harness: Harness) -> None:
             plugin.remove(target)  # what dockerd does after a failed call; must succeed
         harness.check_complete_layers()
         harness.check_no_unrecorded_storage()
-    print(
-        f"\nCRASHES: {harness.kills} SIGKILLs survived; outcomes {sorted(harness.outcomes.items())}"
-    )
+    outcomes = ", ".join(f"{k} {v}" for k, v in sorted(harness.outcomes.items()))
+    figure(f"CRASHES: {harness.kills} SIGKILLs survived, every complete layer intact ({outcomes})")
     assert harness.kills >= min(KILLS, 50)

@@ -9,7 +9,7 @@ queries at it over the unix socket: wrong types, missing fields, huge bodies, ID
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote_from_bytes
 
@@ -108,11 +108,11 @@ def test_apply_diff_queries_and_bodies(
     check_reply("GraphDriver.ApplyDiff", status, reply)
 
 
-def test_still_serving_and_figure(process: PluginProcess) -> None:
+def test_still_serving_and_figure(process: PluginProcess, figure: Callable[[str], None]) -> None:
     with PluginClient(process.address) as client:
         assert client.call("Plugin.Activate") == {"Implements": ["GraphDriver"]}
-    print(
-        f"\nMALFORMED REQUESTS: {TRIED['requests']} tried, {TRIED['server_errors']} crashes "
+    figure(
+        f"MALFORMED REQUESTS: {TRIED['requests']} tried, {TRIED['server_errors']} crashes "
         f"(5xx), {TRIED['tracebacks']} tracebacks reaching the client"
     )
     assert TRIED["server_errors"] == 0 and TRIED["tracebacks"] == 0
