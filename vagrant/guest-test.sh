@@ -26,13 +26,14 @@ REPORT=${REPORT:-$PWD/.lab-report.xml}
 read -r -a TEST_PATHS <<<"${GUEST_TEST_PATHS:-tests}"
 LOG=$(mktemp /tmp/guest-test.XXXXXX.log)
 
-banner() {
+banner() {   # banner HEADLINE [DETAIL]
     echo
     echo "############################################################"
-    echo "### $*"
+    echo "$1"
+    [ -z "${2:-}" ] || echo "$2"
     echo "############################################################"
 }
-setup_failed() { banner "ZFS TIER: SETUP FAILED: $*"; exit 6; }
+setup_failed() { banner "ZFS TIER: SETUP FAILED" "$*"; exit 6; }
 
 [ "$(id -u)" = 0 ] || setup_failed "must run as root (inside the lab guest or the Vagrant VM)"
 command -v zpool >/dev/null || setup_failed "zpool not installed (run vagrant/provision.sh)"
@@ -79,11 +80,11 @@ summary=$(grep -E '^=+ .+ =+$' "$LOG" | tail -n1 | sed -E 's/^=+ //; s/ =+$//')
 
 case "$rc" in
     0) ;;
-    5) banner "ZFS TIER: NO TESTS RAN (pytest exit 5: nothing collected or all deselected by -m zfs)" ;;
-    4) banner "ZFS TIER: NO TESTS RAN: pytest usage error (exit 4), e.g. '${TEST_PATHS[*]}' does not exist: $summary" ;;
-    2) banner "ZFS TIER: INTERRUPTED or COLLECTION ERRORS (pytest exit 2)" ;;
-    1) banner "ZFS TIER: TESTS FAILED (pytest exit 1)" ;;
-    *) banner "ZFS TIER: PYTEST ERROR (exit $rc)" ;;
+    5) banner "ZFS TIER: NO TESTS RAN" "(pytest exit 5: nothing collected, or -m zfs deselected everything)" ;;
+    4) banner "ZFS TIER: NO TESTS RAN" "(pytest exit 4, usage error: does '${TEST_PATHS[*]}' exist?)" ;;
+    2) banner "ZFS TIER: COLLECTION ERRORS OR INTERRUPTED" "(pytest exit 2)" ;;
+    1) banner "ZFS TIER: TESTS FAILED" "(pytest exit 1)" ;;
+    *) banner "ZFS TIER: PYTEST ERROR" "(pytest exit $rc)" ;;
 esac
 echo "ZFS TIER: $summary (exit $rc)"
 exit "$rc"

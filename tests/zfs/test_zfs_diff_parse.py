@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from snapdriver_zfs.diff import (
     parse_diff,
     parse_line,
     unescape,
+    xattr_owner,
 )
 
 from snapdriver.layers.changes import walk_changes
@@ -185,8 +187,12 @@ def test_native_changes_match_the_walk(tmp_path: Path) -> None:
     (layer / "bin" / "tool").unlink()
     (layer / "new").mkdir()
     (layer / "new" / "file").write_text("x")
+    # Plain directories share no inodes, so the rewritten file is a new object, as zfs would say
+    # of a file replaced by another.
     entries = [
-        DiffEntry("M", "F", "/etc/hosts"),
+        DiffEntry("-", "F", "/etc/hosts"),
+        DiffEntry("+", "F", "/etc/hosts"),
+        DiffEntry("M", "/", "/etc"),
         DiffEntry("-", "F", "/bin/tool"),
         DiffEntry("+", "/", "/new"),
         DiffEntry("+", "F", "/new/file"),
@@ -202,6 +208,25 @@ def test_changed_hard_linked_file_falls_back(tmp_path: Path) -> None:
     os.link(layer / "etc" / "hosts", layer / "bin" / "hosts-link")
     with pytest.raises(Fallback):
         native_changes([DiffEntry("M", "F", "/etc/hosts", links=1)], layer, parent)
+
+
+def test_object_printed_under_a_name_it_lost_falls_back(tmp_path: Path) -> None:
+    """After its directory went, zfs may print a changed file under an old name."""
+    parent, layer = tmp_path / "parent", tmp_path / "layer"
+    make_tree(parent)
+    make_tree(layer)
+    (layer / "bin" / "tool").unlink()
+    with pytest.raises(Fallback, match="no longer there"):
+        native_changes([DiffEntry("M", "F", "/bin/tool", links=-1)], layer, parent)
+
+
+def test_removed_file_with_other_names_falls_back(tmp_path: Path) -> None:
+    parent, layer = tmp_path / "parent", tmp_path / "layer"
+    make_tree(parent)
+    os.link(parent / "etc" / "keep", parent / "bin" / "keep")
+    make_tree(layer)
+    with pytest.raises(Fallback, match="names"):
+        native_changes([DiffEntry("-", "F", "/etc/keep")], layer, parent)
 
 
 def test_paths_in_neither_tree_fall_back(tmp_path: Path) -> None:
@@ -220,4 +245,33 @@ def test_candidates_never_cross_a_symlink(tmp_path: Path) -> None:
     layer.mkdir()
     (layer / "a").symlink_to("/")
     entries = [DiffEntry("-", "/", "/a/usr"), DiffEntry("-", "/", "/a"), DiffEntry("+", "@", "/a")]
+    assert native_changes(entries, layer, parent) == walk_changes(layer, parent)
+
+
+# -- extended attributes (xattr=dir) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "owner"),
+    [
+        ("/etc/hosts/<xattrdir>", "/etc/hosts"),
+        ("/etc/hosts/<xattrdir>/security.capability", "/etc/hosts"),
+        ("/<xattrdir>/user.a", "/"),
+        ("/etc/hosts", None),
+        ("/etc/<xattrdir>x", None),
+    ],
+)
+def test_xattr_owner(path: str, owner: str | None) -> None:
+    assert xattr_owner(path) == owner
+
+
+def test_xattr_objects_make_their_file_a_candidate(tmp_path: Path) -> None:
+    parent, layer = tmp_path / "parent", tmp_path / "layer"
+    make_tree(parent)
+    shutil.copytree(parent, layer)  # same mtimes: only /etc/hosts differs, by its xattr
+    os.setxattr(layer / "etc" / "hosts", "user.note", b"x")  # ignored by Docker's rules
+    entries = [
+        DiffEntry("+", "/", "/etc/hosts/<xattrdir>"),
+        DiffEntry("+", "F", "/etc/hosts/<xattrdir>/user.note"),
+    ]
     assert native_changes(entries, layer, parent) == walk_changes(layer, parent)

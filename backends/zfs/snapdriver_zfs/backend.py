@@ -31,7 +31,14 @@ from snapdriver.hostfs import mount_of
 from snapdriver.layers.changes import Change
 from snapdriver_zfs import mounts
 from snapdriver_zfs.diff import DiffEntry, DiffFormatError, Fallback, native_changes, parse_diff
-from snapdriver_zfs.zfs import PropValue, Zfs, ZfsError, find_command, load_libzfs_core
+from snapdriver_zfs.zfs import (
+    Dataset,
+    PropValue,
+    Zfs,
+    ZfsError,
+    find_command,
+    load_libzfs_core,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,7 @@ class ZfsBackend:
         self._lzc_state = "not checked"
         self._trash_lock = threading.Lock()
         self._trash_pending = False
+        self._origins: dict[str, str] = {}  # layer -> its origin snapshot ("-" for none)
 
     @property
     def home(self) -> Path:
@@ -94,6 +102,7 @@ class ZfsBackend:
         config.home.mkdir(mode=0o710, parents=True, exist_ok=True)
         (config.home / "mnt").mkdir(mode=0o700, exist_ok=True)
         self._zfs, self._root, self._home = zfs, root, config.home
+        self._origins.clear()  # layer IDs of another root dataset, perhaps
         self._trash_pending = True  # a crash may have left some: look once
         self._collect_trash()
 
@@ -133,6 +142,7 @@ class ZfsBackend:
         props: dict[str, PropValue] = {"mountpoint": "legacy", OWNER: request.layer}
         if request.quota:
             props["quota"] = request.quota  # bounds what the layer adds, not its parent's data
+        self._origins.pop(request.layer, None)
         try:
             self._clear_leftover(request.layer)
             if request.parent is None:
@@ -155,20 +165,26 @@ class ZfsBackend:
                 log.warning("cannot destroy snapshot %s after a failed clone: %s", origin, err)
             raise
         self._zfs.destroy_snapshots([origin], defer=True)
+        self._origins[layer] = origin
 
     def _clear_leftover(self, layer: str) -> None:
         """A dataset of this ID left by a crash is replaced; one we did not make is not touched."""
         dataset = self.dataset(layer)
         if not self._zfs.exists(dataset):
             return
-        props = self._zfs.get(dataset, OWNER, "origin")
-        if props.get(OWNER) != layer:
+        found = self._describe(dataset)
+        if found is None:
+            return
+        if found.props.get(OWNER) != layer:
             raise BackendError(
                 f"dataset {dataset} exists but was not made by snapdriver (it has no {OWNER} "
                 "property): destroy or rename it, or give snapdriver another root dataset"
             )
         log.warning("replacing leftover dataset %s", dataset)
-        self._remove_dataset(layer, props.get("origin", "-"))
+        self._remove_dataset(layer, found)
+
+    def _describe(self, dataset: str) -> Dataset | None:
+        return self._zfs.describe(dataset, OWNER, "origin")
 
     def _clear_leftover_snapshot(self, snapshot: str) -> None:
         """A crash between snapshot and clone leaves the child's snapshot behind: replace it."""
@@ -189,32 +205,30 @@ class ZfsBackend:
     def snapdriver_remove(self, layer: str) -> None:
         if self._trash_pending:
             self._collect_trash()
+        self._origins.pop(layer, None)
         dataset = self.dataset(layer)
         try:
-            if self._zfs.exists(dataset):
-                props = self._zfs.get(dataset, OWNER, "origin")
-                if props.get(OWNER) == layer:
-                    self._remove_dataset(layer, props.get("origin", "-"))
-                else:
-                    log.warning("not destroying %s: no %s=%s property", dataset, OWNER, layer)
+            found = self._describe(dataset) if self._zfs.exists(dataset) else None
+            if found is not None and found.props.get(OWNER) == layer:
+                self._remove_dataset(layer, found)
+            elif found is not None:
+                log.warning("not destroying %s: no %s=%s property", dataset, OWNER, layer)
         except ZfsError as err:
             raise BackendError(f"cannot remove layer dataset {dataset}: {err}") from err
         self._drop_mount_dir(layer)
 
-    def _remove_dataset(self, layer: str, origin: str) -> None:
-        dataset = self.dataset(layer)
-        snapshots = self._zfs.snapshots(dataset)
-        clones = [c for cs in snapshots.values() for c in cs]
-        live = sorted(c.rpartition("/")[2] for c in clones if not self._is_trash(c))
+    def _remove_dataset(self, layer: str, found: Dataset) -> None:
+        live = sorted(c.rpartition("/")[2] for c in found.clones if not self._is_trash(c))
         if live:
             raise BackendError(
                 f"cannot remove layer {layer}: layer(s) {', '.join(live)} are cloned from it; "
                 "remove them first"
             )
-        self._detach_all(dataset)
-        if clones or not self._destroy_patiently(dataset, bool(snapshots)):
-            self._set_aside(dataset)
-        self._drop_origin(origin, layer)
+        self._detach_all(found.name)
+        recursive = bool(found.snapshots or found.children)
+        if found.clones or not self._destroy_patiently(found.name, recursive):
+            self._set_aside(found.name)
+        self._drop_origin(found.props.get("origin", "-"), layer)
 
     def _destroy_patiently(self, dataset: str, recursive: bool) -> bool:
         """Destroy, retrying while it is busy; False if it stayed busy."""
@@ -277,14 +291,15 @@ class ZfsBackend:
 
     def _destroy_trash(self, dataset: str) -> bool:
         try:
-            snapshots = self._zfs.snapshots(dataset)
-            if any(snapshots.values()):
-                return False  # its clones go first
-            self._detach_all(dataset)
-            if snapshots:
-                self._zfs.destroy_recursive(dataset)
-            else:
-                self._zfs.destroy(dataset)
+            found = self._zfs.describe(dataset)
+            if found is not None:
+                if found.clones:
+                    return False  # its clones go first
+                self._detach_all(dataset)
+                if found.snapshots or found.children:
+                    self._zfs.destroy_recursive(dataset)
+                else:
+                    self._zfs.destroy(dataset)
         except ZfsError as err:
             if not err.missing:
                 log.info("set-aside %s cannot be destroyed yet: %s", dataset, err)
@@ -357,15 +372,23 @@ class ZfsBackend:
     ) -> Sequence[Change] | None:
         origin = f"{self.dataset(parent)}@{layer}"
         try:
-            if self._zfs.get(self.dataset(layer), "origin").get("origin") != origin:
+            if self._origin(layer) != origin:
                 log.warning("%s is not a clone of %s; walking both trees", layer, origin)
                 return None
-            self._check_parent_unchanged(origin)
             entries = self._diff(origin, self.dataset(layer))
+            # After the diff: its snapshot of the layer synced the pool, parent writes included.
+            self._check_parent_unchanged(origin)
             return native_changes(entries, layer_dir, parent_dir)
         except (ZfsError, DiffFormatError, Fallback, OSError) as err:
             log.warning("zfs diff %s %s unusable (%s); walking both trees", origin, layer, err)
             return None
+
+    def _origin(self, layer: str) -> str:
+        """The snapshot a layer was cloned from; it never changes, so it is asked for once."""
+        if layer not in self._origins:
+            origin = self._zfs.get(self.dataset(layer), "origin").get("origin", "-")
+            self._origins[layer] = origin
+        return self._origins[layer]
 
     def _diff(self, snapshot: str, dataset: str) -> list[DiffEntry]:
         targets = set(mounts.targets_of(dataset))
@@ -381,8 +404,9 @@ class ZfsBackend:
     def _check_parent_unchanged(self, origin: str) -> None:
         """The answer is against the parent as it is now: fine only if it did not change since.
 
-        ``written@snap`` is 0 for an untouched parent; reading files can make it non-zero (atime),
-        so then ``zfs diff`` decides, which ignores atime-only changes.
+        ``written@snap`` is 0 for an untouched parent, but it counts only data already synced to
+        disk: call this after something synced the pool (``zfs diff`` of the layer does). Reading
+        files can make it non-zero (atime), so then ``zfs diff`` decides, which ignores atime.
         """
         parent_ds, _, snap = origin.partition("@")
         if self._zfs.get(parent_ds, f"written@{snap}").get(f"written@{snap}") == "0":

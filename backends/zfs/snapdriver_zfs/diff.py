@@ -27,6 +27,8 @@ CHANGE_TYPES = frozenset("+-MR")
 #: -F kinds: file, directory, symlink, fifo, socket, block, char, door, event port, unknown.
 KINDS = frozenset("F/@|=BC>P?")
 DELETE_QUEUE = b"(on_delete_queue)"
+#: How zfs names the hidden directory that holds a file's extended attributes (xattr=dir).
+XATTR_DIR = "<xattrdir>"
 _ESCAPE = re.compile(rb"\\([0-3][0-7]{2})([0-7]?)")
 _LINKS = re.compile(rb"\(([+-][0-9]+)\)")
 
@@ -149,6 +151,8 @@ def native_changes(
     """
     layer, parent = Tree(os.fspath(layer_dir)), Tree(os.fspath(parent_dir))
     _check_present(entries, layer, parent)
+    for entry in entries:
+        _check_named(entry, layer, parent)
     candidates = expand_candidates(entries, layer, parent)
     check_links(entries, candidates, layer, parent)
     return changes_from_candidates(layer.root, parent.root, candidates)
@@ -206,12 +210,56 @@ def _join(directory: str, name: str) -> str:
     return f"{directory.rstrip('/')}/{name}"
 
 
+def xattr_owner(path: str) -> str | None:
+    """The file whose extended attributes ``path`` holds (``/f/<xattrdir>/user.a`` -> ``/f``).
+
+    With ``xattr=dir`` a setxattr changes hidden objects, which zfs prints below the file's path.
+    """
+    parts = path.split("/")
+    if XATTR_DIR not in parts:
+        return None
+    return "/".join(parts[: parts.index(XATTR_DIR)]) or "/"
+
+
+def candidate_paths(entry: DiffEntry) -> Iterator[str]:
+    """The paths an entry names, and for an extended-attribute object also its owner."""
+    for path in entry.paths():
+        yield path
+        owner = xattr_owner(path)
+        if owner is not None:
+            yield owner  # the literal path stays too: a file may really be named <xattrdir>
+
+
 def _check_present(entries: Iterable[DiffEntry], layer: Tree, parent: Tree) -> None:
     """A path in neither tree means the output was misread or the trees moved on: don't guess."""
     for entry in entries:
         for path in entry.paths():
-            if layer.lstat(path) is None and parent.lstat(path) is None:
+            where = xattr_owner(path) or path
+            if all(tree.lstat(p) is None for tree in (layer, parent) for p in (path, where)):
                 raise Fallback(f"zfs diff names {path!r}, which is in neither layer")
+
+
+def _check_named(entry: DiffEntry, layer: Tree, parent: Tree) -> None:
+    """Raise :class:`Fallback` if an object may live on under names nobody printed.
+
+    zfs finds a name through the object's parent pointer, which goes stale once the directory of
+    its latest link is removed; it then prints a name from before, or ``-`` for an object that
+    still exists. A changed file seen under a name it no longer has would be missed, and so would
+    the other names of a multiply linked file reported as removed.
+    """
+    if entry.kind == "/" or xattr_owner(entry.path) is not None:
+        return  # directories have one name; xattr objects are judged through their owner
+    if entry.change == "-":
+        old = parent.lstat(entry.path)
+        if old is not None and not stat.S_ISDIR(old.st_mode) and old.st_nlink > 1:
+            raise Fallback(f"{entry.path} had {old.st_nlink} names; zfs reports it removed")
+        return
+    if entry.change == "+":
+        return  # a new object's names are all new entries of modified directories
+    before = parent.lstat(entry.path)
+    now = layer.lstat(entry.new_path or entry.path)
+    if now is None or (before is not None and before.st_ino != now.st_ino):
+        raise Fallback(f"zfs diff names {entry.path!r} for an object that is no longer there")
 
 
 def relisted(layer: Tree, parent: Tree, directory: str) -> Iterator[str]:
@@ -243,7 +291,7 @@ def expand_candidates(entries: Iterable[DiffEntry], layer: Tree, parent: Tree) -
     whole subtrees of directories that were replaced by another directory of the same name."""
     todo: list[str] = []
     for entry in entries:
-        todo.extend(entry.paths())
+        todo.extend(candidate_paths(entry))
         if entry.change == "M" and entry.kind == "/":
             todo.extend(relisted(layer, parent, entry.path))
     found: set[str] = set()

@@ -14,7 +14,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -41,6 +41,20 @@ class ZfsError(Exception):
     @property
     def missing(self) -> bool:
         return self.code == errno.ENOENT or any(t in str(self).lower() for t in _MISSING_TEXT)
+
+
+@dataclass
+class Dataset:
+    """What :meth:`Zfs.describe` found: ``snapshots`` maps each snapshot to its clones."""
+
+    name: str
+    props: dict[str, str] = field(default_factory=dict)
+    snapshots: dict[str, list[str]] = field(default_factory=dict)
+    children: list[str] = field(default_factory=list)
+
+    @property
+    def clones(self) -> list[str]:
+        return [clone for clones in self.snapshots.values() for clone in clones]
 
 
 @dataclass(frozen=True)
@@ -138,13 +152,29 @@ class Zfs:
         rows = [line.split("\t") for line in out.splitlines() if line]
         return [row for row in rows if row[0] != name]
 
-    def snapshots(self, name: str) -> dict[str, list[str]]:
-        """The snapshots of ``name`` itself, each with the datasets cloned from it."""
-        out = self.run("list", "-H", "-p", "-o", "name,clones", "-t", "snapshot", "-d", "1", name)
-        found: dict[str, list[str]] = {}
+    def describe(self, name: str, *props: str) -> Dataset | None:
+        """A filesystem with ``props``, its snapshots and child filesystems; None if missing.
+
+        One ``zfs list`` answers all of it, which matters where every process costs.
+        """
+        columns = ",".join(("name", "clones", *props))
+        try:
+            out = self.run(
+                "list", "-H", "-p", "-o", columns, "-t", "filesystem,snapshot", "-d", "1", name
+            )
+        except ZfsError as err:
+            if err.missing:
+                return None
+            raise
+        found = Dataset(name)
         for line in out.splitlines():
-            snapshot, _, clones = line.partition("\t")
-            found[snapshot] = [c for c in clones.split(",") if c and c != "-"]
+            row = line.split("\t")
+            if row[0] == name:
+                found.props.update(zip(props, row[2:], strict=False))
+            elif "@" in row[0]:
+                found.snapshots[row[0]] = [c for c in row[1].split(",") if c and c != "-"]
+            else:
+                found.children.append(row[0])
         return found
 
     def diff(self, snapshot: str, target: str) -> DiffOutput:
