@@ -154,8 +154,12 @@ def walk_changes(new_root: str | Path, old_root: str | Path | None) -> list[Chan
     return with_ancestors(found)
 
 
-class _Tree:
-    """lstat lookups inside one tree that never follow a symlink in any component."""
+class ConfinedTree:
+    """lstat lookups inside one tree that never follow a symlink in any component.
+
+    Candidate paths come from both trees, so ``a/b`` may cross a symlink ``a`` on one side; a
+    plain ``lstat`` would follow it out of the layer.
+    """
 
     def __init__(self, root: str) -> None:
         self.root = root
@@ -189,7 +193,7 @@ def changes_from_candidates(
     rename, every name of a changed hard-linked inode). Paths are absolute within the layer. Extra
     candidates are harmless; below an added directory the whole subtree is walked anyway.
     """
-    new_tree, old_tree = _Tree(os.fspath(new_root)), _Tree(os.fspath(old_root))
+    new_tree, old_tree = ConfinedTree(os.fspath(new_root)), ConfinedTree(os.fspath(old_root))
     todo: set[str] = set()
     for candidate in candidates:
         path = os.path.normpath("/" + candidate.lstrip("/"))
@@ -208,7 +212,9 @@ def changes_from_candidates(
     return with_ancestors(found)
 
 
-def _judge(new_tree: _Tree, old_tree: _Tree, path: str, covered: set[str]) -> list[Change]:
+def _judge(
+    new_tree: ConfinedTree, old_tree: ConfinedTree, path: str, covered: set[str]
+) -> list[Change]:
     """Changes at ``path``, whose parent is a directory in both trees."""
     new_st, old_st = new_tree.lstat(path), old_tree.lstat(path)
     if new_st is None:

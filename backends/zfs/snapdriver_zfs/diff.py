@@ -21,7 +21,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from snapdriver.layers.changes import Change, changes_from_candidates, entry_changed
+from snapdriver.layers.changes import (
+    Change,
+    ConfinedTree,
+    changes_from_candidates,
+    entry_changed,
+)
 
 CHANGE_TYPES = frozenset("+-MR")
 #: -F kinds: file, directory, symlink, fifo, socket, block, char, door, event port, unknown.
@@ -158,33 +163,8 @@ def native_changes(
     return changes_from_candidates(layer.root, parent.root, candidates)
 
 
-class Tree:
-    """Lookups inside one mounted layer that never follow a symlink in any path component.
-
-    Candidate paths come from both trees, so ``a/b`` may cross a symlink ``a`` on one side; a
-    plain ``lstat`` would follow it out of the layer.
-    """
-
-    def __init__(self, root: str) -> None:
-        self.root = root
-        self._cache: dict[str, os.stat_result | None] = {"/": os.lstat(root)}
-
-    def lstat(self, path: str) -> os.stat_result | None:
-        if path in self._cache:
-            return self._cache[path]
-        parent = self.lstat(os.path.dirname(path))
-        result = None
-        if parent is not None and stat.S_ISDIR(parent.st_mode):
-            try:
-                result = os.lstat(self.root + path)
-            except (FileNotFoundError, NotADirectoryError):
-                result = None
-        self._cache[path] = result
-        return result
-
-    def is_dir(self, path: str) -> bool:
-        st = self.lstat(path)
-        return st is not None and stat.S_ISDIR(st.st_mode)
+class Tree(ConfinedTree):
+    """A mounted layer, looked up without following symlinks, plus directory listings."""
 
     def listing(self, directory: str) -> dict[str, int]:
         """Name -> inode of the entries of ``directory``; empty if it is not a directory."""
