@@ -3,7 +3,8 @@
 # (vagrant/lab test) or the Vagrant VM (its last provisioning step), as root.
 #
 # Creates a file-backed zpool (2 GiB sparse file, pool "sdtest"), exports
-# SNAPDRIVER_ZPOOL for the tests, runs `pytest -m zfs` with the project venv if
+# SNAPDRIVER_ZPOOL for the tests and adds zfs to SNAPDRIVER_REQUIRE_TIERS (a
+# missing pool/module then fails instead of skipping), runs `pytest -m zfs` with the project venv if
 # there is one (made on the host with /usr/bin/python3 -m venv
 # --system-site-packages .venv), else Debian's python3, writes a JUnit report
 # and destroys the pool again.
@@ -15,7 +16,7 @@
 # Extra arguments are passed to pytest.
 #
 # Exit code: pytest's (0 ok, 1 failures, 2 interrupted/collection errors,
-# 4 usage error such as a missing tests/ dir, 5 NO TESTS RAN), 6 if the ZFS
+# 4 usage error such as a missing tests/ dir or a broken conftest, 5 NO TESTS RAN), 6 if the ZFS
 # setup itself failed. Never 0 unless tests ran and passed.
 set -uo pipefail
 
@@ -60,6 +61,11 @@ truncate -s 2G "$IMG" || setup_failed "cannot create $IMG"
 zpool create -f -O mountpoint="/$POOL" -O atime=off "$POOL" "$IMG" \
     || setup_failed "zpool create $POOL $IMG failed"
 export SNAPDRIVER_ZPOOL=$POOL
+# The project's conftest turns "ZFS TIER NOT RUN" skips into failures for required tiers.
+case ",${SNAPDRIVER_REQUIRE_TIERS:-}," in
+    *,zfs,*) ;;
+    *) export SNAPDRIVER_REQUIRE_TIERS=${SNAPDRIVER_REQUIRE_TIERS:+$SNAPDRIVER_REQUIRE_TIERS,}zfs ;;
+esac
 echo "guest-test: pool $POOL on $IMG ($(zfs version | head -n1), kernel $(uname -r))"
 
 if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=/usr/bin/python3; fi
@@ -81,7 +87,7 @@ summary=$(grep -E '^=+ .+ =+$' "$LOG" | tail -n1 | sed -E 's/^=+ //; s/ =+$//')
 case "$rc" in
     0) ;;
     5) banner "ZFS TIER: NO TESTS RAN" "(pytest exit 5: nothing collected, or -m zfs deselected everything)" ;;
-    4) banner "ZFS TIER: NO TESTS RAN" "(pytest exit 4, usage error: does '${TEST_PATHS[*]}' exist?)" ;;
+    4) banner "ZFS TIER: NO TESTS RAN" "(pytest exit 4: usage error, a missing '${TEST_PATHS[*]}', or a conftest that failed to import; see above)" ;;
     2) banner "ZFS TIER: COLLECTION ERRORS OR INTERRUPTED" "(pytest exit 2)" ;;
     1) banner "ZFS TIER: TESTS FAILED" "(pytest exit 1)" ;;
     *) banner "ZFS TIER: PYTEST ERROR" "(pytest exit $rc)" ;;

@@ -65,7 +65,10 @@ class PluginProcess:
             *self.extra_args,
         ]
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float | None = None) -> None:
+        # Python starts slowly in an emulated guest (over a minute under TCG with a busy host).
+        if timeout is None:
+            timeout = float(os.environ.get("SNAPDRIVER_START_TIMEOUT", "180"))
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
         self._proc = subprocess.Popen(self.command(), stdout=log, stderr=log, env=os.environ.copy())
         log.close()
