@@ -60,6 +60,8 @@ def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
             raise ArchiveError(f"invalid layer tar: {err}") from err
         if member is None:
             return
+        if member.size < 0:
+            raise ArchiveError(f"tar entry {member.name!r} has a negative size")
         tar.members.clear()  # type: ignore[attr-defined]
         yield member
 
@@ -115,7 +117,12 @@ class _Unpacker:
 
     def opaque(self, parent: str) -> None:
         """Remove everything below ``parent`` that this tar did not unpack."""
-        self._prune(self.parent_fd(parent), parent)
+        # A fresh fd: a btrfs directory fd opened earlier may list only what existed then.
+        dir_fd = open_dir_in_root(self.root_fd, parent)
+        try:
+            self._prune(dir_fd, parent)
+        finally:
+            os.close(dir_fd)
 
     def _prune(self, dir_fd: int, rel: str) -> None:
         for name in os.listdir(dir_fd):
@@ -292,6 +299,8 @@ def apply_tar(root: str | os.PathLike[str], stream: IO[bytes]) -> int:
                 except OSError as err:
                     message = f"cannot unpack {member.name!r}: {err.strerror or err}"
                     raise ArchiveError(message) from err
+                except (ValueError, OverflowError) as err:  # NUL in a name, absurd ids or times
+                    raise ArchiveError(f"cannot unpack {member.name!r}: {err}") from err
         finally:
             unpacker.close()
         unpacker.finish()

@@ -159,6 +159,10 @@ async def serving(
         await site.start()
         yield where
     finally:
+        # Gone first, so a client that dials while we drain fails at once and retries intact.
+        for path in cleanup:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
         await runner.cleanup()
         for path in cleanup:
             with contextlib.suppress(FileNotFoundError):
