@@ -134,7 +134,8 @@ def _edit_file(kind: str, path: Path, size: int) -> None:
 def _edit_entry(kind: str, path: Path, size: int, other_dir: Path) -> None:
     is_dir = path.is_dir() and not path.is_symlink()
     if kind == "chmod":
-        os.chmod(path, 0o700 | (size & 0o077), follow_symlinks=False)
+        if not path.is_symlink():  # Linux cannot chmod a symlink itself
+            os.chmod(path, 0o700 | (size & 0o077))
     elif kind == "chown":
         os.chown(path, 1000 + size % 2, 1000, follow_symlinks=False)
     elif kind == "touch":

@@ -156,9 +156,8 @@ def native_changes(
     """
     layer, parent = Tree(os.fspath(layer_dir)), Tree(os.fspath(parent_dir))
     _check_present(entries, layer, parent)
-    for entry in entries:
-        _check_named(entry, layer, parent)
     candidates = expand_candidates(entries, layer, parent)
+    check_named(entries, candidates, layer, parent)
     check_links(entries, candidates, layer, parent)
     return changes_from_candidates(layer.root, parent.root, candidates)
 
@@ -219,27 +218,30 @@ def _check_present(entries: Iterable[DiffEntry], layer: Tree, parent: Tree) -> N
                 raise Fallback(f"zfs diff names {path!r}, which is in neither layer")
 
 
-def _check_named(entry: DiffEntry, layer: Tree, parent: Tree) -> None:
-    """Raise :class:`Fallback` if an object may live on under names nobody printed.
+def check_named(
+    entries: Iterable[DiffEntry], candidates: Iterable[str], layer: Tree, parent: Tree
+) -> None:
+    """Raise :class:`Fallback` if a changed object may live on under names nobody printed.
 
     zfs finds a name through the object's parent pointer, which goes stale once the directory of
     its latest link is removed; it then prints a name from before, or ``-`` for an object that
-    still exists. A changed file seen under a name it no longer has would be missed, and so would
-    the other names of a multiply linked file reported as removed.
+    still exists. So every reported file must be found among the candidates in the layer (by
+    inode: zfs keeps object numbers in a clone), and a multiply linked file reported removed
+    may live on under its other names.
     """
-    if entry.kind == "/" or xattr_owner(entry.path) is not None:
-        return  # directories have one name; xattr objects are judged through their owner
-    if entry.change == "-":
-        old = parent.lstat(entry.path)
-        if old is not None and not stat.S_ISDIR(old.st_mode) and old.st_nlink > 1:
-            raise Fallback(f"{entry.path} had {old.st_nlink} names; zfs reports it removed")
-        return
-    if entry.change == "+":
-        return  # a new object's names are all new entries of modified directories
-    before = parent.lstat(entry.path)
-    now = layer.lstat(entry.new_path or entry.path)
-    if now is None or (before is not None and before.st_ino != now.st_ino):
-        raise Fallback(f"zfs diff names {entry.path!r} for an object that is no longer there")
+    found = {st.st_ino for st in map(layer.lstat, candidates) if st is not None}
+    for entry in entries:
+        if entry.kind == "/" or entry.change == "+" or xattr_owner(entry.path) is not None:
+            continue  # one name per directory; new objects' names are all new entries
+        before = parent.lstat(entry.path)
+        if entry.change == "-":
+            if before is not None and not stat.S_ISDIR(before.st_mode) and before.st_nlink > 1:
+                raise Fallback(f"{entry.path} had {before.st_nlink} names; zfs says it went")
+            continue
+        now = layer.lstat(entry.new_path or entry.path)
+        objects = {st.st_ino for st in (before, now) if st is not None}
+        if len(objects) != 1 or not objects <= found:
+            raise Fallback(f"zfs diff names {entry.path!r} for an object that is not there now")
 
 
 def relisted(layer: Tree, parent: Tree, directory: str) -> Iterator[str]:
