@@ -11,6 +11,7 @@ import asyncio
 import grp
 import logging
 import re
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -176,11 +177,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=args.log_level.upper(),
             format=f"snapdriver[{args.name}] %(levelname)s %(name)s: %(message)s",
         )
+        _raise_open_file_limit()
         return asyncio.run(_serve(backend, args))
     except SnapdriverError as err:
         return _fail(str(err))
     except KeyboardInterrupt:
         return 130
+
+
+def _raise_open_file_limit() -> None:
+    """Soft limit of open files up to the hard one, as Go programs (dockerd) do at start.
+
+    Removing a directory tree holds one descriptor per level, and a hostile layer can be a few
+    thousand levels deep; systemd's default soft limit is 1,024.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as err:
+            log.warning("cannot raise the open file limit from %d to %d: %s", soft, hard, err)
 
 
 async def _serve(backend: Backend, args: argparse.Namespace) -> int:

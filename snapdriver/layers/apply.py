@@ -19,7 +19,6 @@ import os
 import posixpath
 import stat
 import tarfile
-from collections.abc import Iterator
 from typing import IO
 
 from snapdriver.errors import ArchiveError
@@ -27,10 +26,11 @@ from snapdriver.layers.rootfs import (
     lstat_at,
     make_dirs_in_root,
     open_dir_in_root,
-    open_in_root,
+    prune_tree,
     remove_at,
     split,
 )
+from snapdriver.layers.tarread import members, open_stream
 
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
@@ -49,21 +49,6 @@ def clean_name(name: str) -> str:
     if cleaned == ".." or cleaned.startswith("../"):
         raise ArchiveError(f"tar entry {name!r} points outside the layer")
     return "" if cleaned in (".", "") else cleaned
-
-
-def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    """Members in stream order without keeping them all (TarFile.members grows otherwise)."""
-    while True:
-        try:
-            member = tar.next()
-        except tarfile.TarError as err:
-            raise ArchiveError(f"invalid layer tar: {err}") from err
-        if member is None:
-            return
-        if member.size < 0:
-            raise ArchiveError(f"tar entry {member.name!r} has a negative size")
-        tar.members.clear()  # type: ignore[attr-defined]
-        yield member
 
 
 class _Unpacker:
@@ -120,23 +105,9 @@ class _Unpacker:
         # A fresh fd: a btrfs directory fd opened earlier may list only what existed then.
         dir_fd = open_dir_in_root(self.root_fd, parent)
         try:
-            self._prune(dir_fd, parent)
+            prune_tree(dir_fd, parent, self.unpacked.__contains__)
         finally:
             os.close(dir_fd)
-
-    def _prune(self, dir_fd: int, rel: str) -> None:
-        for name in os.listdir(dir_fd):
-            child = f"{rel}/{name}" if rel else name
-            if child not in self.unpacked:
-                remove_at(dir_fd, name)
-                continue
-            st = lstat_at(dir_fd, name)
-            if st is not None and stat.S_ISDIR(st.st_mode):
-                sub = open_in_root(dir_fd, name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-                try:
-                    self._prune(sub, child)
-                finally:
-                    os.close(sub)
 
     def create(self, rel: str, member: tarfile.TarInfo) -> None:
         parent, base = split(rel)
@@ -281,16 +252,10 @@ def apply_tar(root: str | os.PathLike[str], stream: IO[bytes]) -> int:
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     total = 0
     try:
-        try:
-            # tarfile copies its whole buffer on every small read: keep it at the default size.
-            tar = tarfile.open(fileobj=stream, mode="r|")  # noqa: SIM115
-        except tarfile.ReadError as err:
-            if "empty file" in str(err):
-                return 0  # Go's reader accepts an empty stream as an empty layer
-            raise ArchiveError(f"invalid layer tar: {err}") from err
+        tar = open_stream(stream)
         unpacker = _Unpacker(root_fd, tar)
         try:
-            for member in _members(tar):
+            for member in members(tar):
                 total += member.size
                 try:
                     unpacker.entry(member)

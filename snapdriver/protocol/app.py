@@ -5,6 +5,12 @@ which streams the raw tar. One middleware turns every exception into ``{"Err": "
 non-200 status, so dockerd always gets a message it can show and never an HTML page or a
 traceback. Requests are served concurrently: dockerd streams a Diff on one connection while it
 sends the same bytes to ApplyDiff on another.
+
+Every reply closes its connection. dockerd's plugin client (moby ``pkg/plugins``) retries a call
+that failed in transport by sending the request again from a buffer the first attempt already
+drained, so the retry carries an empty body ("ID is required"). A kept-alive connection that the
+plugin closes while dockerd starts writing on it — at every restart — fails exactly that way; a
+fresh connection per call fails only with "connection refused", before any byte is read.
 """
 
 from __future__ import annotations
@@ -206,11 +212,19 @@ async def sweep(request: web.Request) -> web.Response:
     return reply({"Removed": removed})
 
 
+async def close_connection(request: web.Request, response: web.StreamResponse) -> None:
+    """Send ``Connection: close`` on every reply (see the module docstring for why)."""
+    response.force_close()
+    # aiohttp has already chosen the headers when this signal runs: say it ourselves.
+    response.headers["Connection"] = "close"
+
+
 def create_app(driver: Driver) -> web.Application:
     """The application factory: routes, the error middleware and the driver as typed state."""
     app = web.Application(middlewares=[error_middleware])
     app[DRIVER] = driver
     app.add_routes(routes)
+    app.on_response_prepare.append(close_connection)
 
     async def lifecycle(app: web.Application) -> Any:
         yield

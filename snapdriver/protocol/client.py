@@ -43,7 +43,8 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 class PluginClient:
-    """One keep-alive connection to a plugin at ``unix:///path`` or ``tcp://host:port``."""
+    """Calls to a plugin at ``unix:///path`` or ``tcp://host:port`` (reconnecting per call: the
+    plugin closes every connection after its reply)."""
 
     def __init__(self, address: str, timeout: float = 300.0) -> None:
         url = urlsplit(address if "://" in address else f"unix://{address}")

@@ -1,3 +1,278 @@
-from tests.hardening.corpus import CASES
+"""Sixteen docker clients hammering one dockerd on snapdriver's btrfs backend, with a plugin
+restart in the middle.
 
-X = CASES
+Each thread loops ``docker run`` (a container that writes a file), ``docker commit``, ``docker rm``
+and ``docker rmi`` of the committed image for ``SNAPDRIVER_LOAD_SECONDS`` (300 by default). Half
+way through, the plugin process is restarted under the running dockerd (which sends no new Init
+and retries calls while the socket is gone). Every docker command must succeed: a failure is
+counted and reported with its message, never retried.
+
+Afterwards everything is removed, dockerd and the plugin are stopped, and nothing may be left:
+no mount under the data root or the exec root, no subvolume in the plugin's Home nor in
+``btrfs subvolume list``, no loop device backed by a file of this run. When quotas are on
+(another tier may have enabled them on the shared filesystem), the qgroups this run left stale
+(their subvolume is gone) are counted and reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from snapdriver.protocol.client import PluginCallError
+from snapdriver.testing.dockerd import Dockerd
+from snapdriver.testing.process import PluginProcess
+
+pytestmark = [pytest.mark.dockerd, pytest.mark.slow]
+NAME = "sdload"
+IMAGE = "bb:load"
+THREADS = 16
+SECONDS = float(os.environ.get("SNAPDRIVER_LOAD_SECONDS", "300"))
+#: One docker command may wait this long (dockerd queues behind the other fifteen threads).
+COMMAND_TIMEOUT = 600.0
+
+
+def lines(*cmd: str) -> list[str]:
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    return [line for line in done.stdout.splitlines() if line.strip()]
+
+
+def mounts_below(*roots: Path) -> list[str]:
+    prefixes = [str(root) for root in roots]
+    return [
+        target
+        for target in lines("findmnt", "-rn", "-o", "TARGET")
+        if any(target == p or target.startswith(p + "/") for p in prefixes)
+    ]
+
+
+def subvolume_paths(mount: Path) -> dict[str, str]:
+    """``btrfs subvolume list``: id -> path (relative to the filesystem's top)."""
+    found = {}
+    for line in lines("btrfs", "subvolume", "list", str(mount)):
+        parts = line.split()
+        found[parts[1]] = line.split(" path ", 1)[1]
+    return found
+
+
+def quotas_enabled(mount: Path) -> bool:
+    done = subprocess.run(
+        ["btrfs", "qgroup", "show", str(mount)], capture_output=True, text=True, check=False
+    )
+    return done.returncode == 0
+
+
+def stale_qgroups(mount: Path) -> set[str]:
+    """Level-0 qgroups whose subvolume no longer exists (the top level, 0/5, excepted)."""
+    if not quotas_enabled(mount):
+        return set()
+    live = set(subvolume_paths(mount)) | {"5"}
+    return {
+        line.split()[0]
+        for line in lines("btrfs", "qgroup", "show", "--raw", str(mount))
+        if line.startswith("0/") and line.split()[0][2:] not in live
+    }
+
+
+@dataclass
+class Tally:
+    """Operations done and errors seen, from sixteen threads."""
+
+    ops: Counter[str] = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def done(self, op: str) -> None:
+        with self.lock:
+            self.ops[op] += 1
+
+    def failed(self, op: str, detail: str) -> None:
+        with self.lock:
+            self.errors.append(f"{time.strftime('%H:%M:%S')} {op}: {detail}")
+
+
+@dataclass
+class Env:
+    dockerd: Dockerd
+    plugin: PluginProcess
+    mount: Path
+    data_root: Path
+    home: Path
+    workdir: Path
+    loops_before: set[str]
+    stale_before: set[str]
+
+
+@pytest.fixture(scope="module")
+def env(
+    btrfs_mount: Path, dockerd_available: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Env]:
+    workdir = tmp_path_factory.mktemp("load")
+    (workdir / "plugin").mkdir()
+    loops_before = set(lines("losetup", "-a"))
+    stale_before = stale_qgroups(btrfs_mount)
+    plugin = PluginProcess(
+        "btrfs", workdir / "plugin", name=NAME, socket_path=Path(f"/run/docker/plugins/{NAME}.sock")
+    )
+    data_root = btrfs_mount / "load-docker"
+    dockerd = Dockerd(workdir / "dockerd", NAME, data_root=data_root)
+    plugin.start()
+    try:
+        dockerd.start()
+        dockerd.import_busybox(IMAGE)
+        yield Env(
+            dockerd,
+            plugin,
+            btrfs_mount,
+            data_root,
+            data_root / NAME,
+            workdir,
+            loops_before,
+            stale_before,
+        )
+    finally:
+        dockerd.stop()
+        plugin.stop()
+        _reclaim(plugin, data_root / NAME)
+        if dockerd.exec_root.is_dir() and not mounts_below(dockerd.exec_root):
+            shutil.rmtree(dockerd.exec_root, ignore_errors=True)  # dockerd leaves it in /run
+
+
+def _reclaim(plugin: PluginProcess, home: Path) -> None:
+    """After the figures are taken: remove what the run left, so later tiers start clean."""
+    subvolumes = home / "subvolumes"
+    if not subvolumes.is_dir() or not os.listdir(subvolumes):
+        return
+    plugin.start()
+    try:
+        with plugin.client() as client:
+            for _ in range(10):  # children before parents: a parent refuses while it has any
+                left = os.listdir(subvolumes)
+                if not left:
+                    break
+                for layer in left:
+                    with contextlib.suppress(PluginCallError):
+                        client.call("GraphDriver.Remove", {"ID": layer})
+    finally:
+        plugin.stop()
+
+
+def worker(index: int, dockerd: Dockerd, deadline: float, tally: Tally) -> None:
+    """run, commit, rm, rmi until the deadline; a failed step ends that round, unretried."""
+    round_ = 0
+    while time.monotonic() < deadline:
+        container, tag = f"load-{index}-{round_}", f"load/t{index}:{round_}"
+        steps = (
+            ("run", ("run", "--name", container, "--network", "none", IMAGE, "sh", "-c",
+                     "echo $RANDOM > /f")),
+            ("commit", ("commit", container, tag)),
+            ("rm", ("rm", container)),
+            ("rmi", ("rmi", tag)),
+        )  # fmt: skip
+        for op, args in steps:
+            try:
+                done = dockerd.docker(*args, check=False, timeout=COMMAND_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                tally.failed(op, f"{container}: no answer in {COMMAND_TIMEOUT:.0f} s")
+                break
+            except Exception as err:  # a thread must not die silently
+                tally.failed(op, f"{container}: the docker CLI could not run: {err!r}")
+                break
+            if done.returncode != 0:
+                tally.failed(op, f"{container}: {done.stderr.strip() or done.stdout.strip()}")
+                break
+            tally.done(op)
+        round_ += 1
+
+
+def remove_everything(dockerd: Dockerd) -> list[str]:
+    """Remove every container and image (children before parents); what could not be removed."""
+    containers = dockerd.docker("ps", "-aq").stdout.split()
+    if containers:
+        dockerd.docker("rm", "-f", *containers, check=False)
+    for _ in range(10):  # an image with dependent children is refused: go round again
+        images = sorted(set(dockerd.docker("images", "-aq").stdout.split()))
+        if not images:
+            break
+        for image in images:
+            dockerd.docker("rmi", "-f", image, check=False)
+    dockerd.docker("image", "prune", "-a", "-f", check=False)
+    left = dockerd.docker("ps", "-aq").stdout.split()
+    left += dockerd.docker("images", "-aq").stdout.split()
+    return left
+
+
+def test_sixteen_clients_with_a_plugin_restart(env: Env, figure: Callable[[str], None]) -> None:
+    tally = Tally()
+    start = time.monotonic()
+    deadline = start + SECONDS
+    threads = [
+        threading.Thread(
+            target=worker, args=(i, env.dockerd, deadline, tally), name=f"load-{i}", daemon=True
+        )
+        for i in range(THREADS)
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(max(0.0, start + SECONDS / 2 - time.monotonic()))
+    restarted_at = time.monotonic() - start
+    env.plugin.restart()  # dockerd sends no new Activate or Init
+    restart_took = time.monotonic() - start - restarted_at
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - start
+
+    not_removed = remove_everything(env.dockerd)
+    env.dockerd.stop()
+    env.plugin.stop()
+
+    mounts = mounts_below(env.data_root, env.dockerd.exec_root)
+    subvolumes = sorted(os.listdir(env.home / "subvolumes"))
+    listed = sorted(
+        os.path.basename(p)
+        for p in subvolume_paths(env.mount).values()
+        if f"load-docker/{NAME}/" in p
+    )
+    leftover = sorted(set(subvolumes) | set(listed))
+    # Only loop devices backed by files of this run count: other sessions may be making theirs.
+    ours = (str(env.workdir), str(env.data_root))
+    loops = sorted(
+        line
+        for line in set(lines("losetup", "-a")) - env.loops_before
+        if any(path in line for path in ours)
+    )
+    quota = quotas_enabled(env.mount)
+    stale = sorted(stale_qgroups(env.mount) - env.stale_before)
+    ops = sum(tally.ops.values())
+    figure(
+        f"LOAD: {ops} ops in {elapsed:.0f} s, {len(tally.errors)} errors, leftovers: "
+        f"mounts={len(mounts)} subvolumes={len(leftover)} qgroups={len(stale)}"
+        + ("" if quota else " (quotas are off on this filesystem)")
+    )
+    figure(
+        f"LOAD detail: {THREADS} threads, ops {dict(tally.ops)}, plugin restarted at "
+        f"{restarted_at:.0f} s (took {restart_took:.1f} s), loop devices={len(loops)}, "
+        f"left by docker={len(not_removed)}"
+    )
+    for error in tally.errors[:20]:
+        figure(f"LOAD error: {error}")
+    for name in leftover[:20]:
+        figure(f"LOAD leftover subvolume: {name}")
+    for name in stale[:20]:
+        figure(f"LOAD stale qgroup: {name}")
+    assert tally.ops["run"] > 0 and tally.ops["rmi"] > 0, "no round completed"
+    assert not_removed == [], f"docker could not remove {not_removed}"
+    assert not tally.errors, f"{len(tally.errors)} docker commands failed: {tally.errors[:5]}"
+    assert mounts == [], mounts
+    assert leftover == [], f"subvolumes left in {env.home}: {leftover}"
+    assert loops == [], loops

@@ -172,3 +172,48 @@ def test_ownership_mode_and_setuid_survive(tmp_path: Path) -> None:
     apply_tar(tmp_path, io.BytesIO(data))
     st = (tmp_path / "tool").stat()
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1000, 1000, 0o4755)
+
+
+def two_entries() -> bytes:
+    """``a`` (header at 0, data at 512) then ``b`` (header at 1024), then the end marker."""
+    data = make_tar(entry("a", data=b"x" * 100), entry("b", data=b"y"))
+    assert data[1024 + 257 : 1024 + 262] == b"ustar"  # b's header is where the cases cut
+    return data
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("cut-in-second-header", "ends inside a header"),
+        ("bad-checksum-second", "bad header at byte 1024"),
+        ("zero-block-then-entry", "data follows its end-of-archive marker"),
+        ("zero-block-then-partial", "ends inside its end-of-archive marker"),
+    ],
+)
+def test_damage_after_the_first_entry_is_refused_as_go_does(
+    tmp_path: Path, case: str, message: str
+) -> None:
+    data = bytearray(two_entries())
+    if case == "cut-in-second-header":
+        data = data[: 1024 + 100]
+    elif case == "bad-checksum-second":
+        data[1024 + 148 : 1024 + 156] = b"0000000\0"
+    elif case == "zero-block-then-entry":
+        data[1024:1024] = bytes(512)
+    else:
+        data = data[:1024] + bytes(512) + b"\1" * 100
+    with pytest.raises(ArchiveError, match=f"invalid layer tar: .*{message}"):
+        apply_tar(tmp_path, io.BytesIO(bytes(data)))
+
+
+@pytest.mark.parametrize("end", ["no-marker", "one-zero-block", "two-zero-blocks-and-junk"])
+def test_ends_go_accepts(tmp_path: Path, end: str) -> None:
+    body = two_entries()[: 1536 + 512]  # both entries with their data, no end marker
+    tail = {"no-marker": b"", "one-zero-block": bytes(512)}.get(end, bytes(1024) + b"junk")
+    assert apply_tar(tmp_path, io.BytesIO(body + tail)) == 101
+    assert (tmp_path / "a").read_bytes() == b"x" * 100 and (tmp_path / "b").read_bytes() == b"y"
+
+
+def test_a_stream_of_zeros_is_an_empty_layer(tmp_path: Path) -> None:
+    assert apply_tar(tmp_path, io.BytesIO(bytes(1 << 20))) == 0
+    assert list(tmp_path.iterdir()) == []

@@ -107,3 +107,17 @@ def test_request_types_decode_dockers_omissions() -> None:
         LayerRequest.decode({})
     with pytest.raises(RequestError):
         LayerRequest.from_query({"id": ".."})
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [("/Plugin.Activate", b""), ("/GraphDriver.Get", b"{}"), ("/GraphDriver.Nope", b"{}")],
+)
+def test_every_reply_closes_its_connection(tmp_path: Path, path: str, body: bytes) -> None:
+    # dockerd resends a call that failed on a reused connection with an empty body.
+    async def scenario(client: Client) -> None:
+        response = await client.post(path, data=body, headers={"Host": ""})
+        await response.read()
+        assert response.headers.get("Connection", "").lower() == "close"
+
+    run(with_client(tmp_path, scenario))
