@@ -28,7 +28,7 @@ class _GoTarFile(tarfile.TarFile):
     """A stream-mode ``TarFile`` whose ``next`` ends or fails where Go's reader would."""
 
     def next(self) -> tarfile.TarInfo | None:
-        if self._loaded:  # the end was read: the stream is past it
+        if self._loaded:  # type: ignore[has-type]  # the end was read: the stream is past it
             return None
         first: tarfile.TarInfo | None = self.firstmember  # type: ignore[has-type]
         if first is not None:  # read by open() to check the format
