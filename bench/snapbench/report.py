@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 REFERENCE = "snapdriver"
+#: bench/native_changes.py's results, kept by hand: included, never overwritten, by each report.
+NATIVE_CHANGES = BENCH_DIR / "native-changes.md"
 COLOURS = {"snapdriver": "tab:red", "btrfs": "tab:blue", "overlay2": "tab:green", "vfs": "tab:gray"}
 
 
@@ -166,7 +168,33 @@ def write_markdown(path: Path, results: Results, config: Config, plots: Sequence
         lines += [f"- FAILED: {failure}" for failure in results.failures]
         lines += [f"- {note}" for note in results.notes]
         lines.append("")
+    lines += native_changes_section(path)
     path.write_text("\n".join(lines))
+
+
+def native_changes_section(path: Path) -> list[str]:
+    """``native-changes.md`` as a section of the report at ``path``, its headings a level down."""
+    if not NATIVE_CHANGES.exists():
+        return []
+    body = NATIVE_CHANGES.read_text().strip().splitlines()
+    title = body.pop(0).lstrip("# ") if body and body[0].startswith("# ") else "Native Changes"
+    link = os.path.relpath(NATIVE_CHANGES, path.parent)
+    return [
+        f"## {title}",
+        "",
+        f"Not part of this run: copied from [native-changes.md]({link}), written by hand from "
+        "`bench/native_changes.py` (see the README).",
+        *_demoted(body),
+        "",
+    ]
+
+
+def _demoted(lines: Sequence[str]) -> Iterator[str]:
+    """Markdown headings one level down; lines of fenced code blocks as they are."""
+    fenced = False
+    for line in lines:
+        fenced ^= line.startswith("```")
+        yield f"#{line}" if line.startswith("#") and not fenced else line
 
 
 def _diff_consistency(results: Results) -> list[str]:

@@ -7,20 +7,17 @@ Tests marked ``zfs`` need a real pool named by ``SNAPDRIVER_ZPOOL``; elsewhere t
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from snapdriver_zfs.testing import (
-    POOL_ENV,
     Lab,
     detach_all_below,
     everything_below,
+    scratch_root,
     skip_without_zfs,
-    zfs,
 )
 
 
@@ -33,11 +30,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def root_dataset() -> Iterator[str]:
     """``$SNAPDRIVER_ZPOOL/t<random>``, destroyed with everything in it after the module."""
     skip_without_zfs()
-    root = f"{os.environ[POOL_ENV]}/t{secrets.token_hex(4)}"
-    zfs("create", "-o", "mountpoint=legacy", root)
-    yield root
-    detach_all_below(root)
-    subprocess.run(["zfs", "destroy", "-R", root], check=False)
+    with scratch_root() as root:
+        yield root
 
 
 @pytest.fixture

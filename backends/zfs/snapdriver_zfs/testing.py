@@ -1,4 +1,4 @@
-"""Helpers for testing on a real pool (tests/zfs, bench_changes.py): the lab check, ``zfs`` calls.
+"""Helpers for a real pool (tests/zfs, bench/native_changes.py): the lab check, ``zfs`` calls.
 
 Tests marked ``zfs`` need a real pool named by ``SNAPDRIVER_ZPOOL`` (the lab makes one on a
 file); anywhere else they skip with a loud reason, or fail where CI requires the ``zfs`` tier
@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import secrets
 import shutil
 import subprocess
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -68,10 +70,49 @@ def everything_below(root: str) -> list[str]:
     return sorted(n for n in names if n != root)
 
 
+def mounts_below(root: str) -> list[str]:
+    """Where datasets below ``root`` are mounted, outermost first."""
+    return [m.target for m in mounts() if m.fstype == "zfs" and m.source.startswith(root + "/")]
+
+
 def detach_all_below(root: str) -> None:
-    for mount in reversed(mounts()):
-        if mount.fstype == "zfs" and mount.source.startswith(root + "/"):
-            subprocess.run(["umount", "-l", mount.target], check=False)
+    for target in reversed(mounts_below(root)):
+        subprocess.run(["umount", "-l", target], check=False)
+
+
+#: Root datasets :func:`scratch_root` made in this process, for the tier's leak check.
+ROOTS: list[str] = []
+#: What each of them still held when its user was done, before it was destroyed.
+LEFT: dict[str, list[str]] = {"datasets": [], "snapshots": [], "mounts": []}
+
+
+def leftovers(root: str) -> dict[str, list[str]]:
+    """Datasets, snapshots and mounts below ``root``."""
+    names = everything_below(root)
+    return {
+        "datasets": [n for n in names if "@" not in n],
+        "snapshots": [n for n in names if "@" in n],
+        "mounts": mounts_below(root),
+    }
+
+
+@contextlib.contextmanager
+def scratch_root(prefix: str = "t", pool: str | None = None) -> Iterator[str]:
+    """``POOL/<prefix><random>``, destroyed with everything in it afterwards.
+
+    What is still below it at the end is recorded in :data:`LEFT` first: its user should have
+    removed every layer, so anything there is a leak, even though it is destroyed here.
+    """
+    root = f"{pool or os.environ[POOL_ENV]}/{prefix}{secrets.token_hex(4)}"
+    zfs("create", "-o", "mountpoint=legacy", root)
+    ROOTS.append(root)
+    try:
+        yield root
+    finally:
+        for kind, found in leftovers(root).items():
+            LEFT[kind] += found
+        detach_all_below(root)
+        subprocess.run(["zfs", "destroy", "-R", root], check=False)
 
 
 @dataclass
