@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from snapdriver_zfs import testing as zfs_testing
 
 from snapdriver.testing.loopfs import (
     MADE,
@@ -96,20 +97,41 @@ def figure() -> Callable[[str], None]:
     return FIGURES.append
 
 
+def zfs_leaks() -> dict[str, list[str]]:
+    """What the ZFS tests left in their root datasets (empty if none ran), and surviving roots."""
+    if not zfs_testing.ROOTS:
+        return {}
+    left = {kind: list(found) for kind, found in zfs_testing.LEFT.items()}
+    for root in zfs_testing.ROOTS:  # each was destroyed when its tests were done; unless busy
+        done = subprocess.run(["zfs", "list", "-H", root], capture_output=True, check=False)
+        if done.returncode == 0:
+            left["datasets"].append(root)
+    return left
+
+
+def _write_leaks(
+    reporter: pytest.TerminalReporter, title: str, leaks: dict[str, list[str]], sep: str = ", "
+) -> None:
+    figure = sep.join(f"{kind}={len(found)}" for kind, found in leaks.items())
+    reporter.write_line(f"{title}: {figure}")
+    for kind, found in leaks.items():
+        for item in found[:20]:
+            reporter.write_line(f"  leftover {kind}: {item}")
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for line in FIGURES:
         terminalreporter.write_line(line)
-    if not LEAKS:
-        return
-    figure = ", ".join(f"{kind}={len(found)}" for kind, found in LEAKS.items())
-    terminalreporter.write_line(f"LEAKS after the btrfs and dockerd tiers: {figure}")
-    for kind, found in LEAKS.items():
-        for item in found[:20]:
-            terminalreporter.write_line(f"  leftover {kind}: {item}")
+    if LEAKS:
+        _write_leaks(terminalreporter, "LEAKS after the btrfs and dockerd tiers", LEAKS)
+    zfs = zfs_leaks()
+    if zfs:
+        _write_leaks(terminalreporter, "LEAKS (zfs)", zfs, sep=" ")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if any(LEAKS.values()) and session.exitstatus == 0:
+    leaked = any(LEAKS.values()) or any(zfs_leaks().values())
+    if leaked and session.exitstatus == 0:
         session.exitstatus = 1  # a leak fails the run even when every test passed
 
 

@@ -13,6 +13,7 @@
 #   REPORT            JUnit XML path (default: .lab-report.xml in the checkout)
 #   GUEST_TEST_PATHS  what pytest collects (default: tests)
 #   GUEST_TEST_IMG    pool file (default: /tmp/snapdriver-pool.img)
+#   SNAPDRIVER_CRASH_KILLS  SIGKILLs in the crash tier (default here: 50)
 # Extra arguments are passed to pytest.
 #
 # Exit code: pytest's (0 ok, 1 failures, 2 interrupted/collection errors,
@@ -66,6 +67,8 @@ case ",${SNAPDRIVER_REQUIRE_TIERS:-}," in
     *,zfs,*) ;;
     *) export SNAPDRIVER_REQUIRE_TIERS=${SNAPDRIVER_REQUIRE_TIERS:+$SNAPDRIVER_REQUIRE_TIERS,}zfs ;;
 esac
+# Each kill of the crash tier costs a restart, ~20 s under TCG: 50 is the least its figure needs.
+export SNAPDRIVER_CRASH_KILLS=${SNAPDRIVER_CRASH_KILLS:-50}
 echo "guest-test: pool $POOL on $IMG ($(zfs version | head -n1), kernel $(uname -r))"
 
 if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=/usr/bin/python3; fi

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import socket
@@ -10,13 +11,35 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from snapdriver.protocol.client import PluginClient
 
 #: Unix sockets of the plugins this process started, for leak checks.
 SOCKETS: list[Path] = []
+#: What the fork server imports once, for :class:`ForkedPluginProcess` (missing ones are skipped).
+PRELOAD = ["snapdriver.cli", "snapdriver_btrfs", "snapdriver_zfs", "libzfs_core"]
+
+
+class Child(Protocol):
+    """The part of :class:`subprocess.Popen` a :class:`PluginProcess` uses."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def kill(self) -> None: ...
 
 
 class PluginProcess:
@@ -41,17 +64,17 @@ class PluginProcess:
         self.extra_args = list(extra_args)
         self.listen = listen
         SOCKETS.append(self.socket)
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: Child | None = None
 
     @property
     def address(self) -> str:
         return self.listen or f"unix://{self.socket}"
 
     def command(self) -> list[str]:
+        return [sys.executable, "-m", "snapdriver", *self.arguments()]
+
+    def arguments(self) -> list[str]:
         return [
-            sys.executable,
-            "-m",
-            "snapdriver",
             "--backend",
             self.backend,
             "--name",
@@ -69,9 +92,7 @@ class PluginProcess:
         # Python starts slowly in an emulated guest (over a minute under TCG with a busy host).
         if timeout is None:
             timeout = float(os.environ.get("SNAPDRIVER_START_TIMEOUT", "180"))
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
-        self._proc = subprocess.Popen(self.command(), stdout=log, stderr=log, env=os.environ.copy())
-        log.close()
+        self._proc = self._spawn()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -80,6 +101,12 @@ class PluginProcess:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"snapdriver did not start in {timeout}s:\n{self.log_tail()}")
+
+    def _spawn(self) -> Child:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
+        child = subprocess.Popen(self.command(), stdout=log, stderr=log, env=os.environ.copy())
+        log.close()
+        return child
 
     @property
     def pid(self) -> int | None:
@@ -130,3 +157,66 @@ class PluginProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return "(no log)"
+
+
+class ForkedPluginProcess(PluginProcess):
+    """The same daemon, forked from a server that has imported it already, not exec'd.
+
+    Only Python's start-up is skipped: each start runs the CLI's ``main`` in a new process, so a
+    SIGKILL and a restart are as real as with :class:`PluginProcess`. Under the lab's TCG
+    emulation the imports alone take ~17 s, which would make a few dozen restarts cost a tier.
+    """
+
+    def _spawn(self) -> Child:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(PRELOAD)  # used when the server starts, the first time
+        child = context.Process(
+            target=_run_cli,
+            args=(self.arguments(), str(self.log_path)),
+            name=self.name,
+            daemon=True,  # stopped, not waited for, should the test process exit first
+        )
+        child.start()
+        return ForkedChild(child)
+
+
+def _run_cli(argv: list[str], log_path: str) -> None:
+    """The forked child: the CLI's ``main``, its output to the log as with :class:`Popen`."""
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    from snapdriver.cli import main
+
+    sys.exit(main(argv))
+
+
+class ForkedChild:
+    """A :class:`Child` over a :mod:`multiprocessing` process."""
+
+    def __init__(self, process: BaseProcess) -> None:
+        self._process = process
+
+    @property
+    def pid(self) -> int:
+        assert self._process.pid is not None, "not started"
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired("snapdriver", timeout or 0)
+        return self._process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self._process.kill()

@@ -270,6 +270,24 @@ def test_create_replaces_a_leftover_snapshot(lab: Lab) -> None:
     lab.session(body)
 
 
+def test_remove_drops_a_leftover_snapshot(lab: Lab) -> None:
+    """Recovery removes the half-made child: its uncloned ``<parent>@<child>`` goes with it."""
+    foreign = f"{lab.root}/foreign"
+    zfs("create", "-o", "mountpoint=legacy", foreign)
+    zfs("snapshot", f"{foreign}@child")
+    try:
+
+        async def body(driver: Driver) -> None:
+            await driver.create("base", None)
+            zfs("snapshot", f"{lab.root}/base@child")
+            backend_of(driver).snapdriver_remove("child")
+            assert everything_below(lab.root) == [f"{lab.root}/base", foreign, f"{foreign}@child"]
+
+        lab.session(body)
+    finally:
+        zfs("destroy", "-r", foreign)
+
+
 def test_create_replaces_a_leftover_dataset(lab: Lab) -> None:
     async def body(driver: Driver) -> None:
         backend = backend_of(driver)

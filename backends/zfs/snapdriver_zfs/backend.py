@@ -209,9 +209,11 @@ class ZfsBackend:
         dataset = self.dataset(layer)
         try:
             found = self._describe(dataset) if self._zfs.exists(dataset) else None
-            if found is not None and found.props.get(OWNER) == layer:
+            if found is None:
+                self._drop_unused_origins(layer)
+            elif found.props.get(OWNER) == layer:
                 self._remove_dataset(layer, found)
-            elif found is not None:
+            else:
                 log.warning("not destroying %s: no %s=%s property", dataset, OWNER, layer)
         except ZfsError as err:
             raise BackendError(f"cannot remove layer dataset {dataset}: {err}") from err
@@ -269,6 +271,18 @@ class ZfsBackend:
             self._zfs.destroy_snapshots([origin], defer=True)
         except ZfsError as err:
             log.warning("could not destroy snapshot %s: %s", origin, err)
+
+    def _drop_unused_origins(self, layer: str) -> None:
+        """A kill between snapshot and clone leaves ``<root>/<parent>@<layer>``, clone-less."""
+        ours = {row[0] for row in self._zfs.children(self.root, OWNER) if row[1] != "-"}
+        unused = []
+        for name, clones in self._zfs.snapshots_below(self.root):
+            dataset, _, snap = name.partition("@")
+            if snap == layer and dataset in ours and not _split_list(clones):
+                unused.append(name)
+        if unused:
+            log.warning("destroying %s: made for layer %s, never cloned", unused, layer)
+            self._zfs.destroy_snapshots(unused, defer=False)
 
     def _is_trash(self, dataset: str) -> bool:
         return dataset.startswith(f"{self.root}/{TRASH_PREFIX}")

@@ -152,6 +152,11 @@ class Zfs:
         rows = [line.split("\t") for line in out.splitlines() if line]
         return [row for row in rows if row[0] != name]
 
+    def snapshots_below(self, name: str) -> list[list[str]]:
+        """Rows ``[snapshot, clones]`` of ``name`` and of the filesystems directly below it."""
+        out = self.run("list", "-H", "-p", "-o", "name,clones", "-t", "snapshot", "-d", "2", name)
+        return [line.split("\t") for line in out.splitlines() if line]
+
     def describe(self, name: str, *props: str) -> Dataset | None:
         """A filesystem with ``props``, its snapshots and child filesystems; None if missing.
 
