@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import random
+import sqlite3
 import tarfile
 import threading
 import time
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from snapdriver.driver import REFS_FLUSH_DELAY
+from snapdriver.layers.state import DB_NAME
 from snapdriver.protocol.client import PluginCallError, PluginClient
 from snapdriver.testing.conformance import Plugin, random_content
 from snapdriver.testing.process import PluginProcess
@@ -206,3 +209,29 @@ def test_sigkill_at_random_points(harness: Harness, figure: Callable[[str], None
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(harness.outcomes.items()))
     figure(f"CRASHES: {harness.kills} SIGKILLs survived, every complete layer intact ({outcomes})")
     assert harness.kills >= min(KILLS, 50)
+
+
+def recorded_refs(home: Path, layer: str) -> int:
+    """The reference count on disk, read as the restarted plugin will read it."""
+    with contextlib.closing(sqlite3.connect(home / DB_NAME)) as db:
+        row = db.execute("SELECT refs FROM layers WHERE id = ?", (layer,)).fetchone()
+    return int(row[0])
+
+
+def test_held_references_survive_a_sigkill(harness: Harness) -> None:
+    """Reference counts are written behind: one held longer than the delay is on disk."""
+    plugin = harness.plugin
+    layer = harness.new_layer(harness.base)
+    root = plugin.get(layer)
+    assert plugin.get(layer) == root
+    time.sleep(REFS_FLUSH_DELAY + 1)
+    plugin.client.close()
+    plugin.process.kill()
+    plugin.process.start()  # no Activate, no Init
+    plugin.client = plugin.process.client()
+    assert recorded_refs(plugin.home, layer) == 2
+    assert plugin.get(layer) == root
+    for _ in range(3):
+        plugin.put(layer)
+    time.sleep(REFS_FLUSH_DELAY + 1)
+    assert recorded_refs(plugin.home, layer) == 0
