@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from snapdriver.layers.changes import Change, walk_changes
+from snapdriver.testing.trees import chain, create
 
 btrfsutil = pytest.importorskip("btrfsutil", reason="python3-btrfsutil is needed for subvolumes")
 
@@ -522,36 +523,10 @@ def test_no_changes(btrfs_root: Path) -> None:
 # -- a 2,000-deep layer: native and walk in about linear time, paths beyond PATH_MAX ----------
 
 DEPTH = 2000
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def chain(root: Path, name: str, *, make: bool) -> Iterator[tuple[int, int]]:
-    """``(level, fd)`` down ``root/name/name/...`` to ``DEPTH``, by fd (paths exceed PATH_MAX)."""
-    fd = os.open(root, _DIR)
-    try:
-        for level in range(DEPTH + 1):
-            yield level, fd
-            if level < DEPTH:
-                if make:
-                    os.mkdir(name, dir_fd=fd)
-                below = os.open(name, _DIR, dir_fd=fd)
-                os.close(fd)
-                fd = below
-    finally:
-        os.close(fd)
-
-
-def create(dir_fd: int, name: str, data: bytes = b"x") -> None:
-    """A new regular file: never through a symlink, never over an existing entry."""
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
 
 
 def build_deep(p: Path) -> None:
-    for level, fd in chain(p, "d", make=True):
+    for level, fd in chain(p, "d", DEPTH, make=True):
         if level == 10:
             os.mkdir("s", dir_fd=fd)
             os.mkdir("s/t", dir_fd=fd)
@@ -563,7 +538,7 @@ def build_deep(p: Path) -> None:
 
 
 def edit_deep(c: Path) -> None:
-    for level, fd in chain(c, "d", make=False):
+    for level, fd in chain(c, "d", DEPTH, make=False):
         if level == 10:
             os.unlink("s/t/u", dir_fd=fd)
             os.rmdir("s/t", dir_fd=fd)
@@ -617,14 +592,14 @@ def test_2000_deep_layer(btrfs_root: Path) -> None:
 
 
 def build_long(p: Path) -> None:
-    for level, fd in chain(p, "dd", make=True):
+    for level, fd in chain(p, "dd", DEPTH, make=True):
         if level in (1000, DEPTH):
             create(fd, "f")
 
 
 def edit_long(c: Path) -> None:
     """Changes where the stream's paths fit in PATH_MAX, with 6,000-byte paths below them."""
-    for level, fd in chain(c, "dd", make=False):
+    for level, fd in chain(c, "dd", DEPTH, make=False):
         if level == 1000:
             put_at(fd, "f", b"grown", os.O_APPEND)
         elif level == 1200:
@@ -651,7 +626,7 @@ def test_change_beyond_path_max(btrfs_root: Path) -> None:
     """btrfs send cannot name a path over PATH_MAX (ENAMETOOLONG): the walk answers instead."""
 
     def edit(c: Path) -> None:
-        for level, fd in chain(c, "dd", make=False):
+        for level, fd in chain(c, "dd", DEPTH, make=False):
             if level == DEPTH:
                 create(fd, "new")
 

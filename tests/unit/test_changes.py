@@ -18,6 +18,7 @@ from snapdriver.layers.changes import (
     sort_changes,
     walk_changes,
 )
+from snapdriver.testing.trees import chain, create
 
 A, C, D = ChangeKind.ADD, ChangeKind.MODIFY, ChangeKind.DELETE
 
@@ -114,7 +115,6 @@ def test_directory_mtime_alone_is_no_change(tmp_path: Path) -> None:
 # -- very deep trees: no recursion to the tree's depth, no whole path longer than PATH_MAX ------
 
 DEPTH = 2000
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @pytest.fixture
@@ -125,34 +125,6 @@ def deep_tmp(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(
         ["rm", "-rf", "--one-file-system", "--", *map(str, tmp_path.iterdir())], check=True
     )
-
-
-def chain(root: Path, name: str, depth: int, *, make: bool) -> Iterator[tuple[int, int]]:
-    """``(level, fd)`` down ``root/name/name/...`` to ``depth``, by fd (paths exceed PATH_MAX).
-
-    With ``make`` each directory is created (``mkdir`` fails on anything already there).
-    """
-    fd = os.open(root, _DIR)
-    try:
-        for level in range(depth + 1):
-            yield level, fd
-            if level < depth:
-                if make:
-                    os.mkdir(name, dir_fd=fd)
-                below = os.open(name, _DIR, dir_fd=fd)
-                os.close(fd)
-                fd = below
-    finally:
-        os.close(fd)
-
-
-def create(dir_fd: int, name: str, data: bytes) -> None:
-    """A new regular file: never through a symlink, never over an existing entry."""
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
 
 
 def build_deep(root: Path, name: str) -> None:
