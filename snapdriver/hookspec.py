@@ -9,8 +9,9 @@ The contract is storage primitives, not Docker's fifteen calls: make a layer fro
 it, give its directory and release it, and, optionally, say what changed natively. The core
 (:mod:`snapdriver.driver`) builds Diff, DiffSize, ApplyDiff, reference counting, locking and the
 persisted layer record on top, once for every backend. The core calls each hook from a worker
-thread, one call per layer at a time (calls for different layers run concurrently), and only for
-IDs that passed :func:`snapdriver.layers.ids.validate_layer_id`.
+thread (except mount and unmount of a backend that declares them instant, see
+``snapdriver_instant_mounts``), one call per layer at a time (calls for different layers run
+concurrently), and only for IDs that passed :func:`snapdriver.layers.ids.validate_layer_id`.
 
 Required hooks: ``snapdriver_setup``, ``snapdriver_create``, ``snapdriver_remove``,
 ``snapdriver_mount``, ``snapdriver_unmount``, ``snapdriver_layers``. The rest have defaults.
@@ -106,6 +107,19 @@ def snapdriver_mount(layer: str, mount_label: str) -> Path:
 @hookspec(firstresult=True)
 def snapdriver_unmount(layer: str) -> None:
     """Release what ``snapdriver_mount`` made (called when the last reference goes)."""
+
+
+@hookspec(firstresult=True)
+def snapdriver_instant_mounts() -> bool:
+    """True if ``snapdriver_mount`` and ``snapdriver_unmount`` never block.
+
+    Say so only when they do no more than look at the layer's directory (a stat), as for btrfs
+    subvolumes or plain directories. The core then calls them on its event loop, not in a worker
+    thread: a Get or Put is then answered without a thread hand-off, which on a busy machine costs
+    more than the call itself. A plugin that wraps these hooks must not block either. Default:
+    False (mounting may wait on the kernel or a tool, as for ZFS).
+    """
+    raise NotImplementedError
 
 
 @hookspec(firstresult=True)

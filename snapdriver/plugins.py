@@ -115,6 +115,9 @@ class Backend:
     def unmount(self, layer: str) -> None:
         self._hook.snapdriver_unmount(layer=layer)
 
+    def instant_mounts(self) -> bool:
+        return bool(self._hook.snapdriver_instant_mounts())
+
     def layers(self) -> list[str]:
         return list(self._hook.snapdriver_layers() or ())
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from snapdriver_btrfs.testing import layer_subvolumes, stale_qgroups
 from snapdriver_zfs import testing as zfs_testing
 
 from snapdriver.testing.loopfs import (
@@ -59,23 +60,8 @@ def _lines(*cmd: str) -> list[str]:
 
 def btrfs_leftovers(mnt: Path) -> dict[str, list[str]]:
     """Subvolumes of any layer store, and qgroups whose subvolume is gone, on the test fs."""
-    # Let btrfs's cleaner drop what was deleted: recent kernels then remove those qgroups
-    # themselves, so only qgroups that would stay behind for good are counted.
-    subprocess.run(
-        ["btrfs", "subvolume", "sync", str(mnt)], capture_output=True, timeout=300, check=False
-    )
-    subvolumes = [
-        line.rsplit(" ", 1)[-1]
-        for line in _lines("btrfs", "subvolume", "list", str(mnt))
-        if "/subvolumes/" in line or "/scratch/" in line
-    ]
-    live = {line.split()[1] for line in _lines("btrfs", "subvolume", "list", str(mnt))}
-    stale = [
-        line.split()[0]
-        for line in _lines("btrfs", "qgroup", "show", "--raw", str(mnt))
-        if line.startswith("0/") and line.split()[0][2:] not in live | {"5"}
-    ]
-    return {"subvolumes": subvolumes, "stale qgroups": stale}
+    stale = sorted(stale_qgroups(mnt))  # waits for the cleaner first
+    return {"subvolumes": layer_subvolumes(mnt), "stale qgroups": stale}
 
 
 def host_leftovers() -> dict[str, list[str]]:

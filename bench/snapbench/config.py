@@ -8,7 +8,7 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent.parent
 CHANGE_COUNTS = (10, 100, 1000, 10000)
 FULL_SIZES = (10_000, 1_000_000)
-ALL_SCENARIOS = frozenset(range(1, 7))
+ALL_SCENARIOS = frozenset(range(1, 10))
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,10 @@ class Config:
     smoke: bool
     rpc_clients: int
     rpc_rounds: int
+    load_files: int  # scenario 7: the image docker loads
+    load_mib: int
+    create_files: int  # scenario 8: files in the big parent
+    stream_mib: int  # scenario 9: size of the ApplyDiff and the Diff
     profile: bool
     timeout: float  # for one docker command
     command: str  # as typed, for the report

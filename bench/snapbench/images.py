@@ -9,11 +9,15 @@ directories).
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import os
 import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from snapdriver.testing.dockerd import busybox_rootfs_tar
 
@@ -100,3 +104,59 @@ def write_build_context(directory: Path, base: str, files: int = 50) -> None:
         "ENV GREETING=hello\n"
         'CMD ["sh", "-c", "echo $GREETING"]\n'
     )
+
+
+def write_save_archive(path: Path, tag: str, files: int, mib: int) -> None:
+    """A ``docker save`` archive of one layer: ``files`` files of equal size, ``mib`` MiB in all.
+
+    The contents are random (so no filesystem can share or compress them) and each file differs.
+    The layer's digest is computed while it is written, as ``docker load`` checks it.
+    """
+    size = mib * 1024 * 1024 // files
+    layer_path = path.with_suffix(".layer.tar")
+    with open(layer_path, "wb") as raw:
+        hashing = _Hashing(raw)
+        tar = tarfile.open(fileobj=hashing, mode="w|")  # type: ignore[call-overload]  # noqa: SIM115
+        _write_load_layer(tar, files, size)
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{hashing.digest.hexdigest()}"]},
+    }
+    config_bytes = json.dumps(config).encode()
+    config_name = f"{hashlib.sha256(config_bytes).hexdigest()}.json"
+    manifest = [{"Config": config_name, "RepoTags": [tag], "Layers": ["layer/layer.tar"]}]
+    with tarfile.open(path, mode="w") as archive:
+        archive.add(layer_path, "layer/layer.tar")
+        for name, payload in (
+            (config_name, config_bytes),
+            ("manifest.json", json.dumps(manifest).encode()),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(payload), MTIME
+            archive.addfile(info, io.BytesIO(payload))
+    layer_path.unlink()
+
+
+def _write_load_layer(tar: tarfile.TarFile, files: int, size: int) -> None:
+    block = os.urandom(size)
+    with tar:
+        for d in range(0, files, 1000):
+            tar.addfile(_directory(f"load/d{d // 1000}"))
+            for f in range(d, min(d + 1000, files)):
+                info = tarfile.TarInfo(f"load/d{d // 1000}/f{f}")
+                info.size, info.mode, info.mtime = size, 0o644, MTIME
+                data = f.to_bytes(8, "little") + block[8:]
+                tar.addfile(info, io.BytesIO(data))
+
+
+class _Hashing:
+    """Enough of a file for ``tarfile`` to write to: hashes what goes through."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw, self.digest = raw, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.raw.write(data)

@@ -29,6 +29,10 @@ def fmt(value: float | None, unit: str) -> str:
         return f"{value:.3f} s" if value < 10 else f"{value:.1f} s"
     if unit == "ms":
         return f"{value:.2f} ms"
+    if unit == "x":
+        return f"{value:.2f}x"
+    if unit == "MiB":
+        return f"{value:.1f} MiB"
     return f"{value:,.0f} {unit}"
 
 

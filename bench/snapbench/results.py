@@ -13,10 +13,10 @@ from typing import Any
 class Metric:
     """One measured quantity; ``param`` is the image size or the number of changed files."""
 
-    scenario: int  # 1-6 as in the README; 0 for context rows (CLI floor, import)
+    scenario: int  # 1-9 as in the README; 0 for context rows (CLI floor, import)
     key: str
     param: int
-    unit: str  # "s", "ms" or "req/s"
+    unit: str  # "s", "ms", "req/s", "x" (a ratio) or "MiB"
     title: str
 
     @property
@@ -78,6 +78,26 @@ def rpc_request_p99(clients: int) -> Metric:
 
 def rpc_rate(clients: int) -> Metric:
     return Metric(6, "rpc-d-rate", clients, "req/s", f"plugin requests/s, {clients} clients")
+
+
+def image_load(files: int, mib: int) -> Metric:
+    return Metric(7, "load", files, "s", f"`docker load` of a {mib:,} MiB image of {files:,} files")
+
+
+def create_on(files: int) -> Metric:
+    parent = f"a parent of {files:,} files" if files else "an empty parent"
+    return Metric(8, "create-a", files, "ms", f"plugin Create (snapshot) on {parent}")
+
+
+def create_ratio(files: int) -> Metric:
+    return Metric(
+        8, "create-b", files, "x", f"plugin Create on a {files:,}-file parent / on an empty one"
+    )
+
+
+def stream_rss(call: str, mib: int) -> Metric:
+    key = {"ApplyDiff": "rss-a", "Diff": "rss-b"}[call]
+    return Metric(9, key, mib, "MiB", f"plugin peak RSS during a {mib:,} MiB {call}")
 
 
 @dataclass

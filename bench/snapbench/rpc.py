@@ -1,8 +1,9 @@
 """Scenario 6: the plugin's Get/Put round trip over its unix socket, ``clients`` at once.
 
-Each client is a thread with its own keep-alive :class:`PluginClient` and its own layer, and does
-``Get`` then ``Put`` in a loop, as dockerd does when it mounts and unmounts a container's layer.
-The clients are Python too, so the rate includes their own cost on the same two cores.
+Each client is a thread with its own :class:`PluginClient` and its own layer, and does ``Get``
+then ``Put`` in a loop, as dockerd does when it mounts and unmounts a container's layer. Every call
+is a new connection, as for dockerd: the plugin closes each after its reply. The clients are
+Python too, so the rate includes their own cost on the same two cores.
 """
 
 from __future__ import annotations

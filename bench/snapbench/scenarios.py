@@ -20,7 +20,14 @@ from pathlib import Path
 from snapbench import results as m
 from snapbench.config import Config
 from snapbench.env import Environment
-from snapbench.images import FileLayout, changed_files, write_build_context, write_file_image
+from snapbench.images import (
+    FileLayout,
+    changed_files,
+    write_build_context,
+    write_file_image,
+    write_save_archive,
+)
+from snapbench.plugin_calls import create_on_big_parent, stream_memory
 from snapbench.results import Results
 from snapbench.rpc import get_put_load
 
@@ -143,6 +150,15 @@ class Runner:
         if 6 in cfg.scenarios and self.env.plugin is not None:
             with self.guarded("scenario 6: plugin Get/Put, concurrent clients"):
                 self.get_put()
+        if 7 in cfg.scenarios:
+            with self.guarded(f"scenario 7: docker load of {cfg.load_mib:,} MiB"):
+                self.load()
+        if 8 in cfg.scenarios and self.env.plugin is not None:
+            with self.guarded(f"scenario 8: Create on a {cfg.create_files:,}-file parent"):
+                create_on_big_parent(self.env.plugin, cfg, self.record, self.log)
+        if 9 in cfg.scenarios and self.env.plugin is not None:
+            with self.guarded(f"scenario 9: plugin memory in {cfg.stream_mib:,} MiB streams"):
+                stream_memory(self.env.plugin, cfg, self.record, self.log)
 
     def file_image_scenarios(self, files: int) -> None:
         cfg = self.config
@@ -265,3 +281,24 @@ class Runner:
         p50 = self.results.median(m.rpc_round_trip(clients), self.driver)
         rate = self.results.median(m.rpc_rate(clients), self.driver)
         self.log(f"    Get+Put p50 {p50:.2f} ms, {rate:.0f} requests/s")
+
+    def load(self) -> None:
+        cfg = self.config
+        tag = "sdbench-load:latest"
+        archive = cfg.workdir / f"load-{cfg.load_files}-{cfg.load_mib}.tar"
+        if not archive.exists():
+            self.log(f"    writing {archive.name} ({cfg.load_files:,} files, {cfg.load_mib:,} MiB)")
+            partial = archive.with_suffix(".partial")
+            write_save_archive(partial, tag, cfg.load_files, cfg.load_mib)
+            partial.rename(archive)
+        metric = m.image_load(cfg.load_files, cfg.load_mib)
+        expected = cfg.load_files * (cfg.load_mib * 1024 * 1024 // cfg.load_files)
+        for _ in range(cfg.repeat):
+            with self.profiled("load"):
+                seconds, _ = self.timed("load", "-q", "-i", str(archive))
+            size = int(self.docker("image", "inspect", "-f", "{{.Size}}", tag))
+            if size < expected:
+                raise ScenarioFailed(f"the loaded image is {size:,} bytes, not {expected:,}")
+            self.record(metric, seconds)
+            self.docker("rmi", tag)
+        self.log(f"    {metric.title}: {self.results.median(metric, self.driver):.1f}s")

@@ -3,20 +3,29 @@
 dockerd sends no new Activate or Init to a plugin that restarted under it, so everything the
 plugin needs to carry on lives on disk: which Home it serves (``init.json`` in the state
 directory) and which layers exist, their parents, whether they are complete and how many
-references dockerd holds (``snapdriver.db`` in Home, SQLite in WAL mode, one transaction per
-change). A layer is recorded as ``creating`` before the backend makes it and as ``ready`` only
-after; anything not ``ready`` at start-up is a leftover of a crash.
+references dockerd holds (``snapdriver.db`` in Home, SQLite in WAL mode). A layer is recorded as
+``creating`` before the backend makes it and as ``ready`` only after; anything not ``ready`` at
+start-up is a leftover of a crash.
+
+Every change to which layers exist and what state they are in is its own committed transaction
+before the call returns. Reference counts change on every Get and Put, the plugin's hottest
+calls, so they are kept in memory and written behind (:meth:`LayerStore.flush_refs`, which the
+driver runs shortly after a change and at shutdown): a SIGKILL can lose the last fraction of a
+second of them, never a layer or its status. Records are read from a mirror in memory: this
+process is the only writer of its Home's record.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,10 +100,15 @@ CREATE TABLE IF NOT EXISTS layers (
 );
 CREATE INDEX IF NOT EXISTS layers_parent ON layers(parent);
 """
+_COLUMNS = "id, parent, status, quota, refs, created"
 
 
 class LayerStore:
-    """Thread-safe access to the layer table; every write is its own committed transaction."""
+    """Thread-safe layer table: SQLite on disk, mirrored in memory for reads by ID.
+
+    Every write but :meth:`set_refs` is its own committed transaction, applied to the mirror only
+    once committed; reference counts reach the disk at :meth:`flush_refs`.
+    """
 
     def __init__(self, home: Path) -> None:
         self.path = home / DB_NAME
@@ -103,67 +117,92 @@ class LayerStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM layers").fetchall()
+        self._records = {row[0]: _record(row) for row in rows}
+        self._dirty_refs: set[str] = set()
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        """Write pending reference counts, then close the database."""
+        try:
+            self.flush_refs()
+        finally:
+            with self._lock:
+                self._db.close()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        """One committed transaction; the caller holds ``_lock``."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def get(self, layer: str) -> LayerRecord | None:
         with self._lock:
-            row = self._db.execute(
-                "SELECT id, parent, status, quota, refs, created FROM layers WHERE id = ?", (layer,)
-            ).fetchone()
-        return _record(row) if row else None
+            return self._records.get(layer)
 
     def all(self) -> list[LayerRecord]:
         with self._lock:
-            rows = self._db.execute(
-                "SELECT id, parent, status, quota, refs, created FROM layers ORDER BY created"
-            ).fetchall()
-        return [_record(r) for r in rows]
+            return sorted(self._records.values(), key=lambda r: r.created)
 
     def children(self, layer: str) -> list[str]:
+        # Indexed on disk, and parents never change: no scan of every record in memory.
         with self._lock:
             rows = self._db.execute("SELECT id FROM layers WHERE parent = ?", (layer,)).fetchall()
         return [r[0] for r in rows]
 
     def add(self, layer: str, parent: str | None, quota: int | None) -> None:
-        with self._tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO layers (id, parent, status, quota, refs, created)"
-                " VALUES (?, ?, ?, ?, 0, ?)",
-                (layer, parent, Status.CREATING, quota, time.time()),
-            )
+        record = LayerRecord(layer, parent, Status.CREATING, quota, 0, time.time())
+        row = (layer, parent, record.status, quota, record.refs, record.created)
+        with self._lock:
+            with self._tx() as db:
+                db.execute(
+                    f"INSERT OR REPLACE INTO layers ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", row
+                )
+            self._records[layer] = record
+            self._dirty_refs.discard(layer)
 
     def set_status(self, layer: str, status: Status) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE layers SET status = ? WHERE id = ?", (status, layer))
+        with self._lock:
+            with self._tx() as db:
+                db.execute("UPDATE layers SET status = ? WHERE id = ?", (status, layer))
+            record = self._records.get(layer)
+            if record is not None:
+                self._records[layer] = dataclasses.replace(record, status=status)
 
     def set_refs(self, layer: str, refs: int) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE layers SET refs = ? WHERE id = ?", (refs, layer))
+        """In memory now, on disk at the next :meth:`flush_refs`."""
+        with self._lock:
+            r = self._records.get(layer)
+            if r is not None:
+                # Spelled out: on every Get and Put, dataclasses.replace costs several times this.
+                record = LayerRecord(r.id, r.parent, r.status, r.quota, refs, r.created)
+                self._records[layer] = record
+                self._dirty_refs.add(layer)
+
+    def flush_refs(self) -> None:
+        """Write every reference count changed since the last flush, in one transaction."""
+        with self._lock:
+            if not self._dirty_refs:
+                return
+            pending = [(self._records[layer].refs, layer) for layer in self._dirty_refs]
+            with self._tx() as db:
+                db.executemany("UPDATE layers SET refs = ? WHERE id = ?", pending)
+            self._dirty_refs.clear()
 
     def delete(self, layer: str) -> None:
-        with self._tx() as db:
-            db.execute("DELETE FROM layers WHERE id = ?", (layer,))
+        with self._lock:
+            with self._tx() as db:
+                db.execute("DELETE FROM layers WHERE id = ?", (layer,))
+            self._records.pop(layer, None)
+            self._dirty_refs.discard(layer)
 
     def count(self) -> dict[Status, int]:
         with self._lock:
-            rows: Sequence[tuple[str, int]] = self._db.execute(
-                "SELECT status, COUNT(*) FROM layers GROUP BY status"
-            ).fetchall()
-        return {Status(s): n for s, n in rows}
+            return dict(Counter(r.status for r in self._records.values()))
 
 
 def _record(row: tuple[str, str | None, str, int | None, int, float]) -> LayerRecord:

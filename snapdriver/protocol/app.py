@@ -43,9 +43,13 @@ routes = web.RouteTableDef()
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+#: Made once: ``json.dumps`` with non-default separators builds a new encoder on every call.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def reply(data: Any, status: int = 200) -> web.Response:
     """JSON the way Go's encoder writes it: compact, newline-terminated."""
-    body = json.dumps(data, separators=(",", ":")) + "\n"
+    body = _encode(data) + "\n"
     return web.Response(status=status, body=body.encode(), content_type=CONTENT_TYPE)
 
 

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from snapdriver.layers.changes import Change, walk_changes
+from snapdriver.testing.trees import chain, create
 
 btrfsutil = pytest.importorskip("btrfsutil", reason="python3-btrfsutil is needed for subvolumes")
 
@@ -517,6 +518,129 @@ def test_writable_layer_is_refused(btrfs_root: Path) -> None:
 
 def test_no_changes(btrfs_root: Path) -> None:
     assert compare(btrfs_root, build_experiment_1, lambda c: None) == []
+
+
+# -- a 2,000-deep layer: native and walk in about linear time, paths beyond PATH_MAX ----------
+
+DEPTH = 2000
+
+
+def build_deep(p: Path) -> None:
+    for level, fd in chain(p, "d", DEPTH, make=True):
+        if level == 10:
+            os.mkdir("s", dir_fd=fd)
+            os.mkdir("s/t", dir_fd=fd)
+            create(fd, "s/t/u")
+        elif level == 300:
+            os.symlink("/etc", "l", dir_fd=fd)  # the parent side of l/passwd must not follow it
+        elif level in (500, 1000, 1500):
+            create(fd, "f")
+
+
+def edit_deep(c: Path) -> None:
+    for level, fd in chain(c, "d", DEPTH, make=False):
+        if level == 10:
+            os.unlink("s/t/u", dir_fd=fd)
+            os.rmdir("s/t", dir_fd=fd)
+            os.rmdir("s", dir_fd=fd)
+        elif level == 300:
+            os.unlink("l", dir_fd=fd)
+            os.mkdir("l", dir_fd=fd)
+            create(fd, "l/passwd")
+        elif level == 500:
+            os.unlink("f", dir_fd=fd)
+        elif level == 1000:
+            put_at(fd, "f", b"grown", os.O_APPEND)
+        elif level == 1500:
+            os.rename("f", "g", src_dir_fd=fd, dst_dir_fd=fd)
+        elif level == DEPTH - 1:
+            os.mkdir("x", dir_fd=fd)
+            create(fd, "x/y")
+        elif level == DEPTH:
+            create(fd, "new")
+
+
+def put_at(dir_fd: int, name: str, data: bytes, flags: int) -> None:
+    fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | flags, dir_fd=dir_fd)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def levels(name: str) -> list[str]:
+    """The chain's directory at each level, as layer paths ("" for the root)."""
+    return ["/".join(["", *[name] * level]) for level in range(DEPTH + 1)]
+
+
+def docker_order(changes: list[str]) -> list[str]:
+    return sorted(changes, key=lambda line: (os.fsencode(line[2:]), "CAD".index(line[0])))
+
+
+def test_2000_deep_layer(btrfs_root: Path) -> None:
+    """Changes from the top to the bottom of a 2,000-deep chain (4,000-byte paths)."""
+    with layer_pair(btrfs_root, build_deep, edit_deep, keep_mtimes=True) as (child, parent):
+        walked = walk_changes(child, parent)
+        native = native_changes(child, parent)
+    at = levels("d")
+    expected = [f"C {directory}" for directory in at[1:]]  # all above /.../new
+    expected += [f"D {at[10]}/s", f"C {at[300]}/l", f"A {at[300]}/l/passwd", f"D {at[500]}/f"]
+    expected += [f"C {at[1000]}/f", f"D {at[1500]}/f", f"A {at[1500]}/g"]
+    expected += [f"A {at[DEPTH - 1]}/x", f"A {at[DEPTH - 1]}/x/y", f"A {at[DEPTH]}/new"]
+    assert render(walked) == docker_order(expected)
+    assert native == walked, _difference(native, walked)
+
+
+def build_long(p: Path) -> None:
+    for level, fd in chain(p, "dd", DEPTH, make=True):
+        if level in (1000, DEPTH):
+            create(fd, "f")
+
+
+def edit_long(c: Path) -> None:
+    """Changes where the stream's paths fit in PATH_MAX, with 6,000-byte paths below them."""
+    for level, fd in chain(c, "dd", DEPTH, make=False):
+        if level == 1000:
+            put_at(fd, "f", b"grown", os.O_APPEND)
+        elif level == 1200:
+            os.rename("dd", "moved", src_dir_fd=fd, dst_dir_fd=fd)
+            break
+
+
+def test_paths_longer_than_path_max(btrfs_root: Path) -> None:
+    """Both differs list a renamed directory's 800-deep subtree, down to 6,000-byte paths."""
+    with layer_pair(btrfs_root, build_long, edit_long, keep_mtimes=True) as (child, parent):
+        walked = walk_changes(child, parent)
+        native = native_changes(child, parent)
+    at = levels("dd")
+    moved = [at[1200] + "/moved" + "/dd" * below for below in range(DEPTH - 1200)]
+    expected = [f"C {directory}" for directory in at[1:1201]]  # all above the rename
+    expected += [f"C {at[1000]}/f", f"D {at[1200]}/dd", f"A {moved[-1]}/f"]
+    expected += [f"A {directory}" for directory in moved]
+    assert render(walked) == docker_order(expected)
+    assert native == walked, _difference(native, walked)
+    assert len(os.fsencode(f"{moved[-1]}/f")) > 6000
+
+
+def test_change_beyond_path_max(btrfs_root: Path) -> None:
+    """btrfs send cannot name a path over PATH_MAX (ENAMETOOLONG): the walk answers instead."""
+
+    def edit(c: Path) -> None:
+        for level, fd in chain(c, "dd", DEPTH, make=False):
+            if level == DEPTH:
+                create(fd, "new")
+
+    with layer_pair(btrfs_root, build_long, edit, keep_mtimes=True) as (child, parent):
+        walked = walk_changes(child, parent)
+        failure: int | None = None
+        try:
+            native = native_changes(child, parent)
+        except OSError as err:
+            native, failure = walked, err.errno
+    at = levels("dd")
+    assert render(walked) == [f"C {d}" for d in at[1:]] + [f"A {at[DEPTH]}/new"]
+    assert failure in (None, errno.ENAMETOOLONG)  # None: a kernel that can send such paths
+    assert native == walked, _difference(native, walked)
 
 
 # -- property test ------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from snapdriver.testing.trees import read_at_depth
+
 BLOCK = 512
 END = bytes(2 * BLOCK)
 MTIME = 1_600_000_000
@@ -955,16 +957,7 @@ _DEEP_DIRS = b"".join(directory(name) for name in _DEEP_NAMES)
 
 
 def _deep_file(layer: Path, target: Target) -> None:
-    fd = os.open(layer, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for _ in range(DEEP):
-            next_fd = os.open("d", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            os.close(fd)
-            fd = next_fd
-        with open(os.open("bottom", os.O_RDONLY, dir_fd=fd), "rb") as handle:
-            assert handle.read() == OWNED
-    finally:
-        os.close(fd)
+    assert read_at_depth(layer, "d", DEEP, "bottom") == OWNED
 
 
 @case("deep-2000-directories", "applied", _deep_file, deep=True)

@@ -42,6 +42,7 @@ import pytest
 
 from snapdriver.testing.conformance import Plugin
 from snapdriver.testing.process import PluginProcess
+from snapdriver.testing.trees import read_at_depth
 from tests.hardening.corpus import (
     BASE_FILES,
     CANARY_FILES,
@@ -446,15 +447,7 @@ def _deep_followups(env: Env, layer: str, outcome: Outcome) -> list[str]:
 
 
 def _deep_file_in(layer: Path) -> None:
-    fd = os.open(layer, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for _ in range(DEEP):
-            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            os.close(fd)
-            fd = child
-        assert os.stat("bottom", dir_fd=fd).st_size == len(OWNED)
-    finally:
-        os.close(fd)
+    assert read_at_depth(layer, "d", DEEP, "bottom") == OWNED
 
 
 def _removed(env: Env, layer: str) -> list[str]:

@@ -9,9 +9,9 @@ counted and reported with its message, never retried.
 
 Afterwards everything is removed, dockerd and the plugin are stopped, and nothing may be left:
 no mount under the data root or the exec root, no subvolume in the plugin's Home nor in
-``btrfs subvolume list``, no loop device backed by a file of this run. When quotas are on
-(another tier may have enabled them on the shared filesystem), the qgroups this run left stale
-(their subvolume is gone) are counted and reported.
+``btrfs subvolume list``, no loop device backed by a file of this run, and no qgroup left stale
+(its subvolume gone): quotas are on (``btrfs.enable_quota=true``) and every container is run
+with a size limit, so every container layer has a qgroup with a limit.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from snapdriver_btrfs.testing import layer_subvolumes, quotas_enabled, stale_qgroups
 
 from snapdriver.protocol.client import PluginCallError
 from snapdriver.testing.dockerd import Dockerd
@@ -54,34 +55,6 @@ def mounts_below(*roots: Path) -> list[str]:
         for target in lines("findmnt", "-rn", "-o", "TARGET")
         if any(target == p or target.startswith(p + "/") for p in prefixes)
     ]
-
-
-def subvolume_paths(mount: Path) -> dict[str, str]:
-    """``btrfs subvolume list``: id -> path (relative to the filesystem's top)."""
-    found = {}
-    for line in lines("btrfs", "subvolume", "list", str(mount)):
-        parts = line.split()
-        found[parts[1]] = line.split(" path ", 1)[1]
-    return found
-
-
-def quotas_enabled(mount: Path) -> bool:
-    done = subprocess.run(
-        ["btrfs", "qgroup", "show", str(mount)], capture_output=True, text=True, check=False
-    )
-    return done.returncode == 0
-
-
-def stale_qgroups(mount: Path) -> set[str]:
-    """Level-0 qgroups whose subvolume no longer exists (the top level, 0/5, excepted)."""
-    if not quotas_enabled(mount):
-        return set()
-    live = set(subvolume_paths(mount)) | {"5"}
-    return {
-        line.split()[0]
-        for line in lines("btrfs", "qgroup", "show", "--raw", str(mount))
-        if line.startswith("0/") and line.split()[0][2:] not in live
-    }
 
 
 @dataclass
@@ -125,7 +98,9 @@ def env(
         "btrfs", workdir / "plugin", name=NAME, socket_path=Path(f"/run/docker/plugins/{NAME}.sock")
     )
     data_root = btrfs_mount / "load-docker"
-    dockerd = Dockerd(workdir / "dockerd", NAME, data_root=data_root)
+    # Quotas on: leaked qgroups are what users of Docker's btrfs driver complain about most.
+    quota = ["--storage-opt", "btrfs.enable_quota=true"]
+    dockerd = Dockerd(workdir / "dockerd", NAME, data_root=data_root, extra_args=quota)
     plugin.start()
     try:
         dockerd.start()
@@ -173,8 +148,8 @@ def worker(index: int, dockerd: Dockerd, deadline: float, tally: Tally) -> None:
     while time.monotonic() < deadline:
         container, tag = f"load-{index}-{round_}", f"load/t{index}:{round_}"
         steps = (
-            ("run", ("run", "--name", container, "--network", "none", IMAGE, "sh", "-c",
-                     "echo $RANDOM > /f")),
+            ("run", ("run", "--name", container, "--network", "none", "--storage-opt",
+                     "size=256M", IMAGE, "sh", "-c", "echo $RANDOM > /f")),
             ("commit", ("commit", container, tag)),
             ("rm", ("rm", container)),
             ("rmi", ("rmi", tag)),
@@ -238,11 +213,7 @@ def test_sixteen_clients_with_a_plugin_restart(env: Env, figure: Callable[[str],
 
     mounts = mounts_below(env.data_root, env.dockerd.exec_root)
     subvolumes = sorted(os.listdir(env.home / "subvolumes"))
-    listed = sorted(
-        os.path.basename(p)
-        for p in subvolume_paths(env.mount).values()
-        if f"load-docker/{NAME}/" in p
-    )
+    listed = [os.path.basename(p) for p in layer_subvolumes(env.mount, f"load-docker/{NAME}/")]
     leftover = sorted(set(subvolumes) | set(listed))
     # Only loop devices backed by files of this run count: other sessions may be making theirs.
     ours = (str(env.workdir), str(env.data_root))
@@ -251,13 +222,13 @@ def test_sixteen_clients_with_a_plugin_restart(env: Env, figure: Callable[[str],
         for line in set(lines("losetup", "-a")) - env.loops_before
         if any(path in line for path in ours)
     )
-    quota = quotas_enabled(env.mount)
+    quota_on = quotas_enabled(env.mount)
     stale = sorted(stale_qgroups(env.mount) - env.stale_before)
     ops = sum(tally.ops.values())
     figure(
         f"LOAD: {ops} ops in {elapsed:.0f} s, {len(tally.errors)} errors, leftovers: "
         f"mounts={len(mounts)} subvolumes={len(leftover)} qgroups={len(stale)}"
-        + ("" if quota else " (quotas are off on this filesystem)")
+        + ("" if quota_on else " (quotas are off on this filesystem)")
     )
     figure(
         f"LOAD detail: {THREADS} threads, ops {dict(tally.ops)}, plugin restarted at "
@@ -276,3 +247,5 @@ def test_sixteen_clients_with_a_plugin_restart(env: Env, figure: Callable[[str],
     assert mounts == [], mounts
     assert leftover == [], f"subvolumes left in {env.home}: {leftover}"
     assert loops == [], loops
+    assert quota_on, "dockerd's btrfs.enable_quota=true did not turn quotas on"
+    assert stale == [], f"qgroups left stale: {stale[:10]}"

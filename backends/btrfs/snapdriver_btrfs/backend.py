@@ -174,6 +174,11 @@ class BtrfsBackend:
         """Nothing to release: a subvolume is a plain directory of the mounted filesystem."""
 
     @hookimpl
+    def snapdriver_instant_mounts(self) -> bool:
+        """Mount is a stat of the subvolume and unmount nothing: no worker thread needed."""
+        return True
+
+    @hookimpl
     def snapdriver_layers(self) -> Sequence[str]:
         return sorted(p.name for p in self.subvolumes.iterdir())
 

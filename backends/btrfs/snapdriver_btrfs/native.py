@@ -26,7 +26,8 @@ from pathlib import Path
 from snapdriver.layers.changes import (
     Change,
     ChangeKind,
-    changes_from_candidates,
+    ConfinedTree,
+    judge_candidates,
     with_ancestors,
 )
 from snapdriver_btrfs import ioctl
@@ -66,12 +67,17 @@ def native_changes(layer_ro: Path, parent_ro: Path) -> list[Change]:
     # The stream comes straight from the kernel through a pipe, so there is nothing for its CRCs
     # to catch; pure-Python CRC32C would cost about a second per 1.6 MB of a large change set.
     found = stream_candidates(parse_stream(stream, verify_crc=False))
-    candidates, written = _look_closer(layer_ro, parent_ro, found)
-    changes = changes_from_candidates(layer_ro, parent_ro, candidates)
-    return _with_rewrites(layer_ro, parent_ro, changes, written)
+    # Both trees are looked up through one cursor each, shared by every step below: a path costs
+    # about one step from the previous one, not its depth (layers can be thousands deep).
+    with ConfinedTree(os.fspath(layer_ro)) as layer, ConfinedTree(os.fspath(parent_ro)) as parent:
+        candidates, written = _look_closer(layer, parent, found)
+        changes = judge_candidates(layer, parent, candidates)
+        return _with_rewrites(layer, parent, changes, written)
 
 
-def _look_closer(layer: Path, parent: Path, found: Candidates) -> tuple[set[str], set[str]]:
+def _look_closer(
+    layer: ConfinedTree, parent: ConfinedTree, found: Candidates
+) -> tuple[set[str], set[str]]:
     """Candidates the stream does not name, and the names of files rewritten in place.
 
     Other names of changed hard-linked inodes, nested subvolumes in changed directories, and the
@@ -80,8 +86,9 @@ def _look_closer(layer: Path, parent: Path, found: Candidates) -> tuple[set[str]
     candidates = set(found.candidates)
     written: set[str] = set()
     names_of: dict[int, list[str]] = {}  # inode -> all its names, asked once
-    for touched in found.touched:
-        if _is_real_dir(layer, touched.path):
+    # In path order, so the cursors move little between lookups.
+    for touched in sorted(found.touched, key=lambda t: os.fsencode(t.path)):
+        if layer.is_dir(touched.path):
             if touched.orig is not None:  # a new directory is walked whole anyway
                 candidates.update(_unnamed_subvolumes(layer, parent, touched))
             continue
@@ -89,7 +96,7 @@ def _look_closer(layer: Path, parent: Path, found: Candidates) -> tuple[set[str]
         candidates.update(names)
         if touched.rewritten:
             written.update(names)
-    for final, orig in found.moved:
+    for final, orig in sorted(found.moved, key=lambda m: os.fsencode(m[0])):
         candidates.update(_moved_subtree(layer, parent, final, orig))
     return candidates, written
 
@@ -186,7 +193,9 @@ class _Replay:
             raise SendStreamError(f"unexpected {cmd.name} command in an incremental stream")
 
     def _components(self, path: bytes) -> list[str]:
-        names = [os.fsdecode(part) for part in path.split(b"/") if part]
+        # Decoded whole, not per part: a deep path has thousands of parts ("/" is never inside a
+        # UTF-8 sequence, so the names are the same).
+        names = [name for name in os.fsdecode(path).split("/") if name]
         if any(name in (".", "..") for name in names):
             raise SendStreamError(f"stream path {path!r} has a . or .. component")
         return names
@@ -268,47 +277,52 @@ class _Replay:
         return found
 
 
-def _other_names(layer: Path, path: str, names_of: dict[int, list[str]]) -> list[str]:
+def _other_names(layer: ConfinedTree, path: str, names_of: dict[int, list[str]]) -> list[str]:
     """``path`` and, for a non-directory with more links, every other name of its inode."""
-    st = _lstat_inside(layer, path)
+    st = layer.lstat(path)
     if st is None or stat.S_ISDIR(st.st_mode) or st.st_nlink < 2:
         return [path]
     if st.st_ino not in names_of:
         try:
-            names_of[st.st_ino] = ioctl.inode_paths(layer, st.st_ino)
+            names_of[st.st_ino] = ioctl.inode_paths(layer.root, st.st_ino)
         except OSError as err:
             raise SendStreamError(f"cannot list the names of {path}: {err}") from err
     return [path, *names_of[st.st_ino]]
 
 
-def _unnamed_subvolumes(layer: Path, parent: Path, touched: Touched) -> Iterator[str]:
+def _unnamed_subvolumes(
+    layer: ConfinedTree, parent: ConfinedTree, touched: Touched
+) -> Iterator[str]:
     """Nested subvolumes in a changed directory, in both trees; send never names them.
 
     This costs a readdir of each changed directory (nothing cheaper tells: the directory's size
     cannot, as Docker-in-Docker swaps subvolumes whose names have the same length).
     """
     yield from _subvolume_entries(layer, touched.path)
-    if touched.orig is not None and _is_real_dir(parent, touched.orig):
+    if touched.orig is not None and parent.is_dir(touched.orig):
         yield from _subvolume_entries(parent, touched.orig)
 
 
-def _subvolume_entries(root: Path, directory: str) -> Iterator[str]:
+def _subvolume_entries(tree: ConfinedTree, directory: str) -> list[str]:
     """Entries of ``directory`` that are other subvolumes, which send never mentions.
 
     A live nested subvolume's root is inode 256; in a snapshot it is an empty directory with
     inode 2. Only directory entries are stat'ed (readdir reports the subvolume id as d_ino).
     """
     prefix = directory.rstrip("/")
-    with os.scandir(f"{root}{prefix}/") as entries:
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_ino in (
-                _EMPTY_SUBVOLUME_INO,
-                _SUBVOLUME_ROOT_INO,
-            ):
-                yield f"{prefix}/{entry.name}"
+    with tree.scandir(directory) as entries:
+        return [
+            f"{prefix}/{entry.name}"
+            for entry in entries
+            if entry.is_dir(follow_symlinks=False)
+            and entry.stat(follow_symlinks=False).st_ino
+            in (_EMPTY_SUBVOLUME_INO, _SUBVOLUME_ROOT_INO)
+        ]
 
 
-def _moved_subtree(layer: Path, parent: Path, final: str, orig: str) -> Iterator[str]:
+def _moved_subtree(
+    layer: ConfinedTree, parent: ConfinedTree, final: str, orig: str
+) -> Iterator[str]:
     """Paths below a renamed directory that Docker compares name by name.
 
     Docker compares a renamed directory's contents only where a directory stood in the parent at
@@ -316,45 +330,18 @@ def _moved_subtree(layer: Path, parent: Path, final: str, orig: str) -> Iterator
     subtree) and one Delete, which the candidates already give. Each entry is named at its new
     path and at its old one.
     """
-    if not _is_real_dir(layer, final):
+    if not layer.is_dir(final):
         return
-    if not (_is_real_dir(parent, final) or _is_real_dir(layer, orig)):
+    if not (parent.is_dir(final) or layer.is_dir(orig)):
         return
-    stack = [""]
-    while stack:
-        relative = stack.pop()
-        with os.scandir(f"{layer}{final}{relative}") as entries:
-            for entry in entries:
-                child = f"{relative}/{entry.name}"
-                yield final + child
-                yield orig + child
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(child)
+    for child, _ in layer.descendants(final):
+        yield child
+        yield orig + child[len(final) :]
 
 
-def _lstat_inside(root: Path, path: str) -> os.stat_result | None:
-    """lstat of ``root + path`` with every ancestor a real directory (no symlink followed)."""
-    current = str(root)
-    st: os.stat_result | None = None
-    for name in path.strip("/").split("/"):
-        if st is not None and not stat.S_ISDIR(st.st_mode):
-            return None
-        current = f"{current}/{name}"
-        try:
-            st = os.lstat(current)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-    return st
-
-
-def _is_real_dir(root: Path, path: str) -> bool:
-    st = _lstat_inside(root, path)
-    return st is not None and stat.S_ISDIR(st.st_mode)
-
-
-def _same_regular_file(layer: Path, parent: Path, path: str) -> bool:
+def _same_regular_file(layer: ConfinedTree, parent: ConfinedTree, path: str) -> bool:
     """Whether ``path`` is the same regular file (inode) in both trees; snapshots keep inodes."""
-    new, old = _lstat_inside(layer, path), _lstat_inside(parent, path)
+    new, old = layer.lstat(path), parent.lstat(path)
     return (
         new is not None
         and old is not None
@@ -365,7 +352,7 @@ def _same_regular_file(layer: Path, parent: Path, path: str) -> bool:
 
 
 def _with_rewrites(
-    layer: Path, parent: Path, changes: list[Change], written: set[str]
+    layer: ConfinedTree, parent: ConfinedTree, changes: list[Change], written: set[str]
 ) -> list[Change]:
     """Add a Modify for each regular file rewritten in place that the stat rule let through."""
     reported = {change.path for change in changes}

@@ -24,8 +24,8 @@ from pathlib import Path
 from snapdriver.layers.changes import (
     Change,
     ConfinedTree,
-    changes_from_candidates,
-    entry_changed,
+    differs,
+    judge_candidates,
 )
 
 CHANGE_TYPES = frozenset("+-MR")
@@ -154,12 +154,12 @@ def native_changes(
     ``layer_dir`` must be the clone's mount and ``parent_dir`` the mount of the filesystem its
     origin snapshot was taken from, unchanged since then.
     """
-    layer, parent = Tree(os.fspath(layer_dir)), Tree(os.fspath(parent_dir))
-    _check_present(entries, layer, parent)
-    candidates = expand_candidates(entries, layer, parent)
-    check_named(entries, candidates, layer, parent)
-    check_links(entries, candidates, layer, parent)
-    return changes_from_candidates(layer.root, parent.root, candidates)
+    with Tree(os.fspath(layer_dir)) as layer, Tree(os.fspath(parent_dir)) as parent:
+        _check_present(entries, layer, parent)
+        candidates = expand_candidates(entries, layer, parent)
+        check_named(entries, candidates, layer, parent)
+        check_links(entries, candidates, layer, parent)
+        return judge_candidates(layer, parent, candidates)
 
 
 class Tree(ConfinedTree):
@@ -169,20 +169,14 @@ class Tree(ConfinedTree):
         """Name -> inode of the entries of ``directory``; empty if it is not a directory."""
         if not self.is_dir(directory):
             return {}
-        with os.scandir(self.root + directory) as found:
+        with self.scandir(directory) as found:
             return {e.name: e.inode() for e in found}
 
     def subtree(self, directory: str) -> Iterator[str]:
         """Every path below ``directory`` (a directory here), at any depth."""
-        stack = [directory] if self.is_dir(directory) else []
-        while stack:
-            current = stack.pop()
-            with os.scandir(self.root + current) as found:
-                for entry in found:
-                    path = _join(current, entry.name)
-                    yield path
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(path)
+        if self.is_dir(directory):
+            for path, _ in self.descendants(directory):
+                yield path
 
 
 def _join(directory: str, name: str) -> str:
@@ -316,5 +310,5 @@ def check_links(
         if ino not in before:
             raise Fallback(f"{path} has {st.st_nlink} names and zfs diff reports only one")
         old_path, old = before[ino]
-        if entry_changed(parent.root + old_path, old, layer.root + path, st):
+        if differs(layer, parent, path, st, old, old_path=old_path):
             raise Fallback(f"{path} changed and has {st.st_nlink} names; ZFS cannot list them")
