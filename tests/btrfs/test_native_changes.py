@@ -16,6 +16,7 @@ import shutil
 import stat
 import struct
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,8 @@ from snapdriver.testing.trees import chain, create
 btrfsutil = pytest.importorskip("btrfsutil", reason="python3-btrfsutil is needed for subvolumes")
 
 from snapdriver_btrfs import ioctl  # noqa: E402
-from snapdriver_btrfs.native import native_changes  # noqa: E402
-from snapdriver_btrfs.sendstream import parse_stream  # noqa: E402
+from snapdriver_btrfs.native import MAX_SEND_DEPTH, native_changes  # noqa: E402
+from snapdriver_btrfs.sendstream import SendStreamError, parse_stream  # noqa: E402
 
 pytestmark = pytest.mark.btrfs
 
@@ -581,7 +582,7 @@ def test_2000_deep_layer(btrfs_root: Path) -> None:
     """Changes from the top to the bottom of a 2,000-deep chain (4,000-byte paths)."""
     with layer_pair(btrfs_root, build_deep, edit_deep, keep_mtimes=True) as (child, parent):
         walked = walk_changes(child, parent)
-        native = native_changes(child, parent)
+        native = native_changes(child, parent, max_depth=None)
     at = levels("d")
     expected = [f"C {directory}" for directory in at[1:]]  # all above /.../new
     expected += [f"D {at[10]}/s", f"C {at[300]}/l", f"A {at[300]}/l/passwd", f"D {at[500]}/f"]
@@ -589,6 +590,23 @@ def test_2000_deep_layer(btrfs_root: Path) -> None:
     expected += [f"A {at[DEPTH - 1]}/x", f"A {at[DEPTH - 1]}/x/y", f"A {at[DEPTH]}/new"]
     assert render(walked) == docker_order(expected)
     assert native == walked, _difference(native, walked)
+
+
+def test_deep_layer_stops_the_send(btrfs_root: Path) -> None:
+    """Past ``MAX_SEND_DEPTH`` the send stops (its cost grows with depth) and the walk answers."""
+
+    def edit(c: Path) -> None:
+        for level, fd in chain(c, "d", MAX_SEND_DEPTH + 20, make=True):
+            if level == MAX_SEND_DEPTH + 20:
+                create(fd, "bottom")
+
+    with layer_pair(btrfs_root, lambda p: None, edit) as (child, parent):
+        with pytest.raises(SendStreamError, match=f"over {MAX_SEND_DEPTH} directories deep"):
+            native_changes(child, parent)
+        assert not [t for t in threading.enumerate() if t.name == "btrfs-send"]
+        shallow = native_changes(child, parent, max_depth=MAX_SEND_DEPTH + 21)
+        assert shallow == walk_changes(child, parent)
+    assert len(shallow) == MAX_SEND_DEPTH + 21  # every directory and the file
 
 
 def build_long(p: Path) -> None:
@@ -611,7 +629,7 @@ def test_paths_longer_than_path_max(btrfs_root: Path) -> None:
     """Both differs list a renamed directory's 800-deep subtree, down to 6,000-byte paths."""
     with layer_pair(btrfs_root, build_long, edit_long, keep_mtimes=True) as (child, parent):
         walked = walk_changes(child, parent)
-        native = native_changes(child, parent)
+        native = native_changes(child, parent, max_depth=None)
     at = levels("dd")
     moved = [at[1200] + "/moved" + "/dd" * below for below in range(DEPTH - 1200)]
     expected = [f"C {directory}" for directory in at[1:1201]]  # all above the rename
@@ -634,7 +652,7 @@ def test_change_beyond_path_max(btrfs_root: Path) -> None:
         walked = walk_changes(child, parent)
         failure: int | None = None
         try:
-            native = native_changes(child, parent)
+            native = native_changes(child, parent, max_depth=None)
         except OSError as err:
             native, failure = walked, err.errno
     at = levels("dd")

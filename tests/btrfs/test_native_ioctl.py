@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from snapdriver.testing.loopfs import loop_filesystem
 btrfsutil = pytest.importorskip("btrfsutil", reason="python3-btrfsutil is needed for subvolumes")
 
 from snapdriver_btrfs import ioctl  # noqa: E402
-from snapdriver_btrfs.sendstream import Attr, Cmd, parse_stream  # noqa: E402
+from snapdriver_btrfs.sendstream import MAGIC, Attr, Cmd, parse_chunks, parse_stream  # noqa: E402
 
 pytestmark = pytest.mark.btrfs
 MiB = 1 << 20
@@ -107,6 +108,27 @@ def test_send_stream_larger_than_a_pipe(base: Path) -> None:
     assert len(stream) > 1 << 17
     written = [c for c in parse_stream(ioctl.send_stream(sub, flags=0)) if c.cmd == Cmd.WRITE]
     assert sum(len(c.raw(Attr.DATA)) for c in written) == 3000 * 64
+
+
+def test_leaving_send_chunks_early_stops_the_send(base: Path) -> None:
+    """Closing the pipe stops the kernel's send quietly (EPIPE), and its thread ends."""
+    sub = frozen(base / "big", {f"f{i}": os.urandom(4096) for i in range(1000)})
+    with ioctl.send_chunks(sub, flags=0) as chunks:
+        first = next(chunks)
+    assert first.startswith(MAGIC)
+    assert len(first) < 1000 * 4096
+    assert not [t for t in threading.enumerate() if t.name == "btrfs-send"]
+
+
+def test_a_failed_send_wins_over_the_readers_error(base: Path) -> None:
+    """A stream the kernel gave up on is raised as the kernel's error, not as the reader's."""
+    child = base / "child"
+    btrfsutil.create_subvolume(str(child))
+    with (
+        pytest.raises(PermissionError, match="BTRFS_IOC_SEND"),
+        ioctl.send_chunks(child) as chunks,
+    ):
+        list(parse_chunks(chunks))
 
 
 # -- inode paths --------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import struct
@@ -20,6 +21,7 @@ from snapdriver_btrfs.sendstream import (
     SendStreamError,
     Timespec,
     crc32c,
+    parse_chunks,
     parse_stream,
     stream_version,
 )
@@ -162,6 +164,49 @@ def test_every_bit_flip_in_a_command_is_caught() -> None:
         damaged[offset] ^= 0x10
         with pytest.raises(SendStreamError):
             list(parse_stream(bytes(damaged)))
+
+
+def pieces(data: bytes, *cuts: int) -> list[bytes]:
+    """``data`` cut at ``cuts``, as a pipe might deliver it."""
+    bounds = [0, *cuts, len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def test_chunks_parse_like_the_whole_stream() -> None:
+    stream = sample_stream()
+    whole = list(parse_stream(stream))
+    for cut in range(1, len(stream)):
+        assert list(parse_chunks(pieces(stream, cut))) == whole
+    assert list(parse_chunks([bytes([byte]) for byte in stream])) == whole
+
+
+@pytest.mark.parametrize(
+    ("stream", "message"),
+    [
+        (header() + b"\1\0\0", "truncated command header at offset 17"),
+        (header() + END + END, f"{len(END)} bytes after the END"),
+        (header() + END + b"\0", "1 bytes after the END"),
+        (header() + command(Cmd.CHMOD, tlv(Attr.PATH, b"x"))[:-1], "offset 17 runs past the end"),
+        (header(), "without an END"),
+    ],
+)
+def test_chunked_errors_give_stream_offsets(stream: bytes, message: str) -> None:
+    """Wherever the pipe cuts the stream, the error is the one the whole stream gives."""
+    for cut in range(1, len(stream)):
+        with pytest.raises(SendStreamError, match=message):
+            list(parse_chunks(pieces(stream, cut)))
+
+
+def test_a_reader_can_stop_early() -> None:
+    """Commands come as soon as they are whole: the rest of the stream is never read."""
+    stream = sample_stream()
+
+    def delivered() -> Iterator[bytes]:
+        yield stream[:60]  # the header, SNAPSHOT (39 bytes) and a part of MKFILE
+        raise AssertionError("read past what the reader needed")
+
+    first = next(parse_chunks(delivered()))
+    assert first.cmd == Cmd.SNAPSHOT
 
 
 def test_crc_check_can_be_skipped() -> None:

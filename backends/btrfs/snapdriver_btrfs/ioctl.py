@@ -15,7 +15,8 @@ import fcntl
 import os
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 _MAGIC = 0x94
@@ -130,7 +131,7 @@ def send(
     With ``parent`` (a read-only subvolume of the same filesystem) the stream is incremental and
     the parent is also its clone source, as ``btrfs send -p`` does. ``version`` > 0 asks for that
     stream version. Blocks until the kernel has written everything, so ``out_fd`` must be drained
-    concurrently if it is a pipe (see :func:`send_stream`).
+    concurrently if it is a pipe (see :func:`send_chunks`).
     """
     clone_sources = (ctypes.c_uint64 * 1)()
     count = 0
@@ -162,39 +163,76 @@ def send_stream(
 ) -> bytes:
     """The whole send stream of ``subvol`` as bytes; by default without file data.
 
-    The ioctl blocks while it writes, so a thread drains a pipe into memory meanwhile. Meant for
-    no-data streams (about 70 bytes per changed inode); a stream with file data is as big as the
-    data.
+    Meant for no-data streams (about 70 bytes per changed inode); a stream with file data is as
+    big as the data.
+    """
+    with send_chunks(subvol, parent=parent, flags=flags, version=version) as chunks:
+        return b"".join(chunks)
+
+
+@contextlib.contextmanager
+def send_chunks(
+    subvol: Path | str,
+    *,
+    parent: Path | str | None = None,
+    flags: int = SEND_FLAG_NO_FILE_DATA,
+    version: int = 0,
+) -> Iterator[Iterator[bytes]]:
+    """The send stream of ``subvol`` in pieces, as the kernel writes them.
+
+    The ioctl blocks while it writes, so it runs in a thread, into a pipe this side reads. Leaving
+    the block before the end closes the pipe, which stops the kernel's send (with ``EPIPE``, not
+    raised): a reader that has seen enough does not pay for the rest. A send that fails is raised
+    when the block ends, once the reader has seen the end of what the kernel wrote.
     """
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     with contextlib.suppress(OSError):
         # Fewer wake-ups with a bigger pipe; the default 64 KiB is fine too.
         fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)
-    chunks: list[bytes] = []
     failures: list[BaseException] = []
-    reader = threading.Thread(
-        target=_drain, args=(read_fd, chunks, failures), name="btrfs-send-reader", daemon=True
+    sender = threading.Thread(
+        target=_send_into,
+        args=(partial(send, subvol, write_fd, parent=parent, flags=flags, version=version),),
+        kwargs={"write_fd": write_fd, "failures": failures},
+        name="btrfs-send",
+        daemon=True,
     )
-    reader.start()
+    sender.start()
+    reader = _Reader(read_fd)
     try:
-        send(subvol, write_fd, parent=parent, flags=flags, version=version)
-    finally:
-        os.close(write_fd)  # EOF for the reader, whether or not the send worked
-        reader.join()
-    if failures:
-        raise failures[0]
-    return b"".join(chunks)
-
-
-def _drain(read_fd: int, chunks: list[bytes], failures: list[BaseException]) -> None:
-    """Read ``read_fd`` to EOF; closing it on failure makes the sender fail with EPIPE."""
-    try:
-        while chunk := os.read(read_fd, 1 << 20):
-            chunks.append(chunk)
-    except BaseException as err:  # handed to the caller's thread
-        failures.append(err)
+        yield iter(reader)
     finally:
         os.close(read_fd)
+        sender.join()
+        if failures and reader.at_end:
+            # Raised even over the reader's own error: a stream the kernel gave up on ends early,
+            # and the kernel's reason (EPERM, ENAMETOOLONG) says more than "truncated".
+            raise failures[0]
+
+
+def _send_into(
+    sending: Callable[[], None], *, write_fd: int, failures: list[BaseException]
+) -> None:
+    """Run ``sending`` (into ``write_fd``), then close it: the end of the stream for the reader."""
+    try:
+        sending()
+    except BaseException as err:  # handed to the reading thread
+        failures.append(err)
+    finally:
+        os.close(write_fd)
+
+
+class _Reader:
+    """Chunks from a pipe until its end, remembering whether the end was reached."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.at_end = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        while chunk := os.read(self.fd, 1 << 20):
+            yield chunk
+        self.at_end = True
 
 
 def inode_paths(subvol: Path | str, inode: int) -> list[str]:

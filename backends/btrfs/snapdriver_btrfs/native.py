@@ -31,7 +31,7 @@ from snapdriver.layers.changes import (
     with_ancestors,
 )
 from snapdriver_btrfs import ioctl
-from snapdriver_btrfs.sendstream import Attr, Cmd, Command, SendStreamError, parse_stream
+from snapdriver_btrfs.sendstream import Attr, Cmd, Command, SendStreamError, parse_chunks
 
 __all__ = ["Candidates", "SendStreamError", "Touched", "native_changes", "stream_candidates"]
 
@@ -55,24 +55,43 @@ _METADATA = frozenset(
 )
 
 
-def native_changes(layer_ro: Path, parent_ro: Path) -> list[Change]:
+#: Deeper than this, the walk answers first. The kernel builds every command's path by walking up
+#: from the inode, so a send costs depth x entries: 2,000 nested directories took 48 s (full send)
+#: to 165 s (incremental) of kernel time here, against half a second for the walk.
+MAX_SEND_DEPTH = 256
+
+
+def native_changes(
+    layer_ro: Path, parent_ro: Path, *, max_depth: int | None = MAX_SEND_DEPTH
+) -> list[Change]:
     """Docker's change list of ``layer_ro`` against ``parent_ro``, from a no-data send.
 
     Both must be read-only subvolumes (or snapshots) of one btrfs filesystem, and the caller needs
     ``CAP_SYS_ADMIN``. Raises :class:`SendStreamError` when the stream cannot be understood and
     :class:`OSError` when the kernel refuses the send (e.g. ``EPERM`` for a writable subvolume);
-    either way the tree walk is the fallback.
+    either way the tree walk is the fallback. A path ``max_depth`` directories deep stops the
+    send with :class:`SendStreamError` (None: no limit).
     """
-    stream = ioctl.send_stream(layer_ro, parent=parent_ro, flags=ioctl.SEND_FLAG_NO_FILE_DATA)
-    # The stream comes straight from the kernel through a pipe, so there is nothing for its CRCs
-    # to catch; pure-Python CRC32C would cost about a second per 1.6 MB of a large change set.
-    found = stream_candidates(parse_stream(stream, verify_crc=False))
+    flags = ioctl.SEND_FLAG_NO_FILE_DATA
+    with ioctl.send_chunks(layer_ro, parent=parent_ro, flags=flags) as chunks:
+        # The stream comes straight from the kernel through a pipe, so there is nothing for its
+        # CRCs to catch; pure-Python CRC32C would cost about a second per 1.6 MB of changes.
+        commands = parse_chunks(chunks, verify_crc=False)
+        found = stream_candidates(commands if max_depth is None else _shallow(commands, max_depth))
     # Both trees are looked up through one cursor each, shared by every step below: a path costs
     # about one step from the previous one, not its depth (layers can be thousands deep).
     with ConfinedTree(os.fspath(layer_ro)) as layer, ConfinedTree(os.fspath(parent_ro)) as parent:
         candidates, written = _look_closer(layer, parent, found)
         changes = judge_candidates(layer, parent, candidates)
         return _with_rewrites(layer, parent, changes, written)
+
+
+def _shallow(commands: Iterator[Command], max_depth: int) -> Iterator[Command]:
+    """``commands``, stopping the send with :class:`SendStreamError` once a path is too deep."""
+    for command in commands:
+        if command.attrs.get(Attr.PATH, b"").count(b"/") >= max_depth:
+            raise SendStreamError(f"a path over {max_depth} directories deep; stopped the send")
+        yield command
 
 
 def _look_closer(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -21,6 +21,7 @@ HEADER_SIZE = len(MAGIC) + 4
 SUPPORTED_VERSIONS = (1, 2, 3)
 
 _CMD_HEADER = struct.Struct("<IHI")
+_LENGTH = struct.Struct("<I")
 _TLV_HEADER = struct.Struct("<HH")
 _TIMESPEC = struct.Struct("<QI")
 
@@ -201,40 +202,72 @@ def parse_stream(
     Raises :class:`SendStreamError` for a bad header, a CRC mismatch, an unknown command, a
     truncated stream (no ``END``) or bytes after ``END``.
     """
-    view = memoryview(data).cast("B")
-    version = stream_version(view)
-    pos = HEADER_SIZE
-    while pos < len(view):
-        command, pos = _read_command(view, pos, version, verify_crc)
-        yield command
-        if command.cmd == Cmd.END:
-            if pos != len(view):
-                raise SendStreamError(f"{len(view) - pos} bytes after the END command")
-            return
-    raise SendStreamError("stream ends without an END command")
+    return parse_chunks((bytes(data),), verify_crc=verify_crc)
+
+
+def parse_chunks(chunks: Iterable[bytes], *, verify_crc: bool = True) -> Iterator[Command]:
+    """:func:`parse_stream` of a stream that arrives in pieces, each command as soon as it is whole.
+
+    A reader can stop early: the rest of the stream is then never read.
+    """
+    pieces = iter(chunks)
+    data = b""
+    while len(data) < HEADER_SIZE and (chunk := next(pieces, None)) is not None:
+        data += chunk
+    version = stream_version(data)
+    base, data = HEADER_SIZE, data[HEADER_SIZE:]  # base: the stream offset of data[0]
+    while True:
+        view = memoryview(data)
+        pos = 0
+        while _whole_command_at(view, pos):
+            command, pos = _read_command(view, pos, version, verify_crc, base)
+            yield command
+            if command.cmd == Cmd.END:
+                extra = len(view) - pos + sum(len(rest) for rest in pieces)
+                if extra:
+                    raise SendStreamError(f"{extra} bytes after the END command")
+                return
+        base, data = base + pos, bytes(view[pos:])
+        chunk = next(pieces, None)
+        if chunk is None:
+            if data:  # a command cut short: let the decoder say how
+                _read_command(memoryview(data), 0, version, verify_crc, base)
+            raise SendStreamError("stream ends without an END command")
+        data += chunk
+
+
+def _whole_command_at(view: memoryview, pos: int) -> bool:
+    if pos + _CMD_HEADER.size > len(view):
+        return False
+    (length,) = _LENGTH.unpack_from(view, pos)
+    return bool(pos + _CMD_HEADER.size + length <= len(view))
 
 
 def _read_command(
-    view: memoryview, pos: int, version: int, verify_crc: bool
+    view: memoryview, pos: int, version: int, verify_crc: bool, base: int = 0
 ) -> tuple[Command, int]:
-    """Decode the command at ``pos``; return it and the offset of the next one."""
+    """Decode the command at ``pos``; return it and the offset of the next one.
+
+    ``base`` is the stream offset of ``view[0]``, for the messages.
+    """
+    where = base + pos
     if pos + _CMD_HEADER.size > len(view):
-        raise SendStreamError(f"truncated command header at offset {pos}")
+        raise SendStreamError(f"truncated command header at offset {where}")
     length, number, crc = _CMD_HEADER.unpack_from(view, pos)
     start = pos + _CMD_HEADER.size
     end = start + length
     if end > len(view):
-        raise SendStreamError(f"command at offset {pos} runs past the end of the stream")
+        raise SendStreamError(f"command at offset {where} runs past the end of the stream")
     if verify_crc:
         header = bytes(view[pos : pos + 6]) + b"\0\0\0\0"
         actual = crc32c(view[start:end], crc32c(header))
         if actual != crc:
-            raise SendStreamError(f"CRC mismatch at offset {pos}: {actual:#010x} != {crc:#010x}")
+            raise SendStreamError(f"CRC mismatch at offset {where}: {actual:#010x} != {crc:#010x}")
     try:
         cmd = Cmd(number)
     except ValueError:
-        raise SendStreamError(f"unknown send command {number} at offset {pos}") from None
-    return Command(cmd, _read_attrs(view[start:end], version, pos)), end
+        raise SendStreamError(f"unknown send command {number} at offset {where}") from None
+    return Command(cmd, _read_attrs(view[start:end], version, where)), end
 
 
 def _read_attrs(payload: memoryview, version: int, where: int) -> dict[int, bytes]:
