@@ -9,6 +9,7 @@ loopback unless TLS with client certificates is on.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import json
@@ -27,6 +28,8 @@ from snapdriver.errors import ConfigError
 PLUGIN_DIR = Path("/run/docker/plugins")
 SPEC_DIR = Path("/etc/docker/plugins")
 _SD_LISTEN_FDS_START = 3
+#: Seconds between the last accept and closing connections that carry no request yet.
+ACCEPTED_GRACE = 0.25
 
 
 @dataclass(frozen=True)
@@ -154,15 +157,23 @@ async def serving(
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     cleanup: list[Path] = []
+    site: web.BaseSite | None = None
     try:
         site, where = _site(runner, name, listen, group, tls, spec_dir, cleanup)
         await site.start()
         yield where
     finally:
-        # Gone first, so a client that dials while we drain fails at once and retries intact.
+        # Gone first, so a client that dials while we drain fails at once and retries; dockerd
+        # resends JSON calls whole, but not a streamed ApplyDiff (README, Troubleshooting).
         for path in cleanup:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        if site is not None:
+            await site.stop()
+            # A connection accepted just before this has its request on the way. The runner's
+            # clean-up closes connections that have no request yet, and dockerd would resend the
+            # call with an empty body: let the request arrive, so it is served instead.
+            await asyncio.sleep(ACCEPTED_GRACE)
         await runner.cleanup()
         for path in cleanup:
             with contextlib.suppress(FileNotFoundError):

@@ -17,6 +17,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from snapdriver.protocol.client import PluginClient
+from snapdriver.protocol.serve import bind_unix_socket
 
 #: Unix sockets of the plugins this process started, for leak checks.
 SOCKETS: list[Path] = []
@@ -43,7 +44,12 @@ class Child(Protocol):
 
 
 class PluginProcess:
-    """``python -m snapdriver --backend NAME`` on a private unix socket, restartable."""
+    """``python -m snapdriver --backend NAME`` on a private unix socket, restartable.
+
+    ``socket_activated``: this object binds the socket once and hands it to every start as fd 3
+    with ``LISTEN_FDS``/``LISTEN_PID``, as systemd does for a socket unit, so it never goes away
+    between a stop and the next start (calls made meanwhile wait in its backlog).
+    """
 
     def __init__(
         self,
@@ -54,6 +60,7 @@ class PluginProcess:
         name: str | None = None,
         socket_path: Path | None = None,
         listen: str | None = None,
+        socket_activated: bool = False,
     ) -> None:
         self.backend = backend
         self.name = name or f"sdtest{uuid.uuid4().hex[:8]}"
@@ -64,6 +71,8 @@ class PluginProcess:
         self.extra_args = list(extra_args)
         self.listen = listen
         SOCKETS.append(self.socket)
+        self.socket_activated = socket_activated
+        self._listener: socket.socket | None = None
         self._proc: Child | None = None
 
     @property
@@ -80,7 +89,7 @@ class PluginProcess:
             "--name",
             self.name,
             "--listen",
-            self.address,
+            "systemd:" if self.socket_activated else self.address,
             "--state-dir",
             str(self.state_dir),
             "--log-level",
@@ -103,10 +112,27 @@ class PluginProcess:
         raise RuntimeError(f"snapdriver did not start in {timeout}s:\n{self.log_tail()}")
 
     def _spawn(self) -> Child:
+        command = self.command()
+        keep: tuple[int, ...] = ()
+        if self.socket_activated:
+            command, keep = self._activated(command)
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
-        child = subprocess.Popen(self.command(), stdout=log, stderr=log, env=os.environ.copy())
+        child = subprocess.Popen(
+            command, stdout=log, stderr=log, env=os.environ.copy(), pass_fds=keep
+        )
         log.close()
         return child
+
+    def _activated(self, command: list[str]) -> tuple[list[str], tuple[int, ...]]:
+        """``command`` started as systemd starts a socket unit's service: the socket as fd 3."""
+        if self._listener is None:
+            self._listener = bind_unix_socket(self.socket, None)
+            self._listener.listen(128)
+        fd = self._listener.fileno()
+        move = "" if fd == 3 else f"3<&{fd} {fd}<&-"
+        # LISTEN_PID must be the daemon's own pid: the shell's, which exec keeps.
+        script = f'export LISTEN_FDS=1 LISTEN_PID=$$; exec "$@" {move}'
+        return ["bash", "-c", script, "snapdriver", *command], (fd,)
 
     @property
     def pid(self) -> int | None:
@@ -149,6 +175,14 @@ class PluginProcess:
         self.stop()
         self.start()
 
+    def close(self) -> None:
+        """Stop, and release the socket a socket-activated plugin was given."""
+        self.stop()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            self.socket.unlink(missing_ok=True)
+
     def client(self) -> PluginClient:
         return PluginClient(self.address)
 
@@ -168,6 +202,8 @@ class ForkedPluginProcess(PluginProcess):
     """
 
     def _spawn(self) -> Child:
+        if self.socket_activated:
+            raise NotImplementedError("socket activation is for exec'd plugins (PluginProcess)")
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(PRELOAD)  # used when the server starts, the first time
         child = context.Process(

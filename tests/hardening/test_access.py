@@ -104,6 +104,29 @@ def test_socket_group_opens_it_to_that_group(tmp_path: Path) -> None:
         plugin.stop()
 
 
+def test_socket_activation_keeps_a_call_across_a_restart(tmp_path: Path) -> None:
+    """Behind a socket unit the socket outlives the daemon: a call made while no process runs
+    waits in the backlog and the next process answers it (a bare socket is gone meanwhile)."""
+    plugin = PluginProcess("copydir", tmp_path, socket_activated=True)
+    plugin.start()
+    try:
+        assert stat.S_IMODE(plugin.socket.stat().st_mode) == 0o600
+        plugin.stop()
+        with socket.socket(socket.AF_UNIX) as caller:
+            caller.connect(str(plugin.socket))  # no process: the kernel queues it
+            caller.sendall(
+                b"POST /Plugin.Activate HTTP/1.1\r\nHost: p\r\nContent-Length: 0\r\n\r\n"
+            )
+            plugin.start()
+            caller.settimeout(60)
+            reply = b"".join(iter(lambda: caller.recv(65536), b""))
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+        assert json.loads(reply.partition(b"\r\n\r\n")[2]) == {"Implements": ["GraphDriver"]}
+    finally:
+        plugin.close()
+    assert not plugin.socket.exists(), "released with the socket unit"
+
+
 def test_plain_tcp_on_loopback_writes_and_removes_the_spec(tmp_path: Path) -> None:
     address, spec_dir = f"tcp://127.0.0.1:{free_port()}", tmp_path / "spec"
     plugin = PluginProcess("copydir", tmp_path, ["--spec-dir", str(spec_dir)], listen=address)

@@ -3,9 +3,13 @@ restart in the middle.
 
 Each thread loops ``docker run`` (a container that writes a file), ``docker commit``, ``docker rm``
 and ``docker rmi`` of the committed image for ``SNAPDRIVER_LOAD_SECONDS`` (300 by default). Half
-way through, the plugin process is restarted under the running dockerd (which sends no new Init
-and retries calls while the socket is gone). Every docker command must succeed: a failure is
-counted and reported with its message, never retried.
+way through, the plugin process is restarted under the running dockerd (which sends no new Init).
+It is restarted as systemd restarts it behind the socket unit (``systemd/snapdriver.socket``): the
+socket stays bound and calls made in the gap wait for the new process. With a bare unix socket
+there is a gap in which dockerd's dial fails, and dockerd's retry of a streamed ``ApplyDiff``
+(``docker commit``, ``docker pull``) resends a body its first attempt closed ("io: read/write on
+closed pipe"): no plugin can make that call succeed. Every docker command must succeed: a failure
+is counted and reported with its message, never retried.
 
 Afterwards everything is removed, dockerd and the plugin are stopped, and nothing may be left:
 no mount under the data root or the exec root, no subvolume in the plugin's Home nor in
@@ -95,7 +99,11 @@ def env(
     loops_before = set(lines("losetup", "-a"))
     stale_before = stale_qgroups(btrfs_mount)
     plugin = PluginProcess(
-        "btrfs", workdir / "plugin", name=NAME, socket_path=Path(f"/run/docker/plugins/{NAME}.sock")
+        "btrfs",
+        workdir / "plugin",
+        name=NAME,
+        socket_path=Path(f"/run/docker/plugins/{NAME}.sock"),
+        socket_activated=True,
     )
     data_root = btrfs_mount / "load-docker"
     # Quotas on: leaked qgroups are what users of Docker's btrfs driver complain about most.
@@ -119,6 +127,7 @@ def env(
         dockerd.stop()
         plugin.stop()
         _reclaim(plugin, data_root / NAME)
+        plugin.close()
         if dockerd.exec_root.is_dir() and not mounts_below(dockerd.exec_root):
             shutil.rmtree(dockerd.exec_root, ignore_errors=True)  # dockerd leaves it in /run
 
