@@ -8,6 +8,7 @@ everything, after which no subvolume of snapdriver's may be left.
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import subprocess
 import sys
 import tarfile
@@ -21,7 +22,8 @@ from snapdriver.testing.dockerd import Dockerd
 from snapdriver.testing.process import PluginProcess
 
 pytestmark = [pytest.mark.dockerd, pytest.mark.slow]
-NAME = "sde2e"
+# Per run: dockerd finds the plugin by this name in /run/docker/plugins, shared by concurrent runs.
+NAME = f"sde2e{os.getpid()}"
 
 
 @dataclass

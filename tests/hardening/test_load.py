@@ -39,7 +39,8 @@ from snapdriver.testing.dockerd import Dockerd
 from snapdriver.testing.process import PluginProcess
 
 pytestmark = [pytest.mark.dockerd, pytest.mark.slow]
-NAME = "sdload"
+# Per run: dockerd finds the plugin by this name in /run/docker/plugins, shared by concurrent runs.
+NAME = f"sdload{os.getpid()}"
 IMAGE = "bb:load"
 THREADS = 16
 SECONDS = float(os.environ.get("SNAPDRIVER_LOAD_SECONDS", "300"))

@@ -6,6 +6,7 @@ of snapdriver's is left under the root dataset.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from snapdriver.testing.dockerd import Dockerd
 from snapdriver.testing.process import PluginProcess
 
 pytestmark = [pytest.mark.zfs, pytest.mark.dockerd, pytest.mark.slow]
-NAME = "sdzfs"
+# Per run: dockerd finds the plugin by this name in /run/docker/plugins, shared by concurrent runs.
+NAME = f"sdzfs{os.getpid()}"
 
 
 @dataclass
