@@ -110,7 +110,7 @@ class Backend:
         path = self._hook.snapdriver_mount(layer=layer, mount_label=mount_label)
         if path is None:
             raise BackendError(f"backend {self.name!r} returned no directory for layer {layer}")
-        return Path(path)
+        return path if isinstance(path, Path) else Path(path)  # on every Get: no needless copy
 
     def unmount(self, layer: str) -> None:
         self._hook.snapdriver_unmount(layer=layer)

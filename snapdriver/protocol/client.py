@@ -13,7 +13,7 @@ import json
 import socket
 from collections.abc import Iterable, Iterator
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from snapdriver.errors import SnapdriverError
 
@@ -28,6 +28,18 @@ class PluginCallError(SnapdriverError):
         self.method = method
         self.status = status
         self.message = message
+
+
+def _url(address: str) -> SplitResult:
+    return urlsplit(address if "://" in address else f"unix://{address}")
+
+
+def unix_path(address: str) -> str:
+    """The socket path of a ``unix:///path`` address (or of a bare path)."""
+    url = _url(address)
+    if url.scheme != "unix":
+        raise ValueError(f"{address} is not a unix socket address")
+    return url.path
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -47,7 +59,7 @@ class PluginClient:
     plugin closes every connection after its reply)."""
 
     def __init__(self, address: str, timeout: float = 300.0) -> None:
-        url = urlsplit(address if "://" in address else f"unix://{address}")
+        url = _url(address)
         self._conn: http.client.HTTPConnection
         if url.scheme == "unix":
             self._conn = _UnixConnection(url.path, timeout)

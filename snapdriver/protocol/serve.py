@@ -154,7 +154,8 @@ async def serving(
     spec_dir: Path = SPEC_DIR,
 ) -> AsyncIterator[str]:
     """Serve ``app`` until the block exits; yields a description of the address."""
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    # No keep-alive probes: each connection carries one call (every reply closes it).
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, tcp_keepalive=False)
     await runner.setup()
     cleanup: list[Path] = []
     site: web.BaseSite | None = None

@@ -34,6 +34,7 @@ from snapdriver_btrfs.native import SendStreamError, native_changes
 log = logging.getLogger(__name__)
 OPTION_PREFIX = "btrfs."
 _TRUE = ("1", "true", "yes", "on")
+_NOT_SET_UP = "the btrfs backend is not set up (no Init yet)"
 
 
 class BtrfsBackend:
@@ -41,18 +42,22 @@ class BtrfsBackend:
 
     def __init__(self) -> None:
         self._home: Path | None = None
+        # Joined once: path() is on every Get, and a pathlib join costs as much as the stat.
+        self._subvolumes: Path | None = None
         self._enable_quota = False
         self._stale_qgroups: set[int] = set()
 
     @property
     def home(self) -> Path:
         if self._home is None:
-            raise BackendError("the btrfs backend is not set up (no Init yet)")
+            raise BackendError(_NOT_SET_UP)
         return self._home
 
     @property
     def subvolumes(self) -> Path:
-        return self.home / "subvolumes"
+        if self._subvolumes is None:
+            raise BackendError(_NOT_SET_UP)
+        return self._subvolumes
 
     @property
     def scratch(self) -> Path:
@@ -80,7 +85,7 @@ class BtrfsBackend:
         config.home.mkdir(mode=0o710, parents=True, exist_ok=True)
         for directory in (config.home / "subvolumes", config.home / "scratch"):
             directory.mkdir(mode=0o700, exist_ok=True)
-        self._home = config.home
+        self._home, self._subvolumes = config.home, config.home / "subvolumes"
         for leftover in self.scratch.iterdir():
             self._delete(leftover)
         pending = config.home / "qgroups.pending"
