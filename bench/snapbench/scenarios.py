@@ -23,8 +23,8 @@ from snapbench.env import Environment
 from snapbench.images import (
     FileLayout,
     changed_files,
+    file_image_tar,
     write_build_context,
-    write_file_image,
     write_save_archive,
 )
 from snapbench.plugin_calls import create_on_big_parent, stream_memory
@@ -78,15 +78,6 @@ class Runner:
             message = f"{self.driver}: {what}: {err}"
             self.log(f"  FAILED {message}\n{traceback.format_exc()}")
             self.results.fail(message)
-
-    def tar_for(self, layout: FileLayout) -> Path:
-        path = self.config.workdir / f"files-{layout.files}.tar"
-        if not path.exists():
-            self.log(f"    writing {path.name} ({layout.dirs} dirs x {layout.per_dir} files)")
-            partial = path.with_suffix(".partial")
-            write_file_image(partial, layout)
-            partial.rename(path)
-        return path
 
     @contextlib.contextmanager
     def profiled(self, name: str) -> Iterator[None]:
@@ -164,7 +155,7 @@ class Runner:
         cfg = self.config
         layout = FileLayout.for_files(files)
         tag = f"sdbench-files-{layout.files}"
-        tar = self.tar_for(layout)
+        tar = file_image_tar(self.config.images_dir, layout, self.log)
         with self.profiled(f"import-{layout.files}"):
             seconds, _ = self.timed("import", str(tar), tag)
         self.record(m.image_import(layout.files), seconds)
