@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 #: bench/native_changes.py (kept by hand) and the ZFS lab's report (``bench/zfs-lab``).
 KEPT = {
     BENCH_DIR / "native-changes.md": "written by hand from `bench/native_changes.py`",
-    BENCH_DIR / "zfs-lab.md": "written by `bench/zfs-lab` in the ZFS lab",
+    BENCH_DIR / "zfs-lab.md": "from `bench/zfs-lab` runs in the ZFS lab",
 }
 COLOURS = {
     "snapdriver": "tab:red",

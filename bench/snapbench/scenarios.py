@@ -68,6 +68,14 @@ class Runner:
         self.results.add(metric, self.driver, seconds)
         self.env.sample_rss()
 
+    def log_median(self, metric: m.Metric) -> None:
+        """The median and every run, so that the log alone serves if the run is cut short."""
+        runs = self.results.samples[metric][self.driver]
+        self.log(
+            f"    {metric.title}: {self.results.median(metric, self.driver):.3f}s "
+            f"(runs: {', '.join(f'{r:.3f}' for r in runs)})"
+        )
+
     @contextlib.contextmanager
     def guarded(self, what: str) -> Iterator[None]:
         """Record a failure and go on with the next scenario; Ctrl-C still ends the run."""
@@ -213,7 +221,7 @@ class Runner:
             if i == 0:
                 digest = hashlib.sha256("\n".join(sorted(out.splitlines())).encode()).hexdigest()
                 self.results.diff_digests.setdefault(metric.title, {})[self.driver] = digest[:16]
-        self.log(f"    {metric.title}: {self.results.median(metric, self.driver):.3f}s")
+        self.log_median(metric)
 
     def commit(self, container: str, layout: FileLayout) -> None:
         metric = m.commit(layout.files)
@@ -224,7 +232,7 @@ class Runner:
             if i == 0:
                 self.check_commit(image, layout)
             self.docker("rmi", image)
-        self.log(f"    {metric.title}: {self.results.median(metric, self.driver):.3f}s")
+        self.log_median(metric)
 
     def check_commit(self, image: str, layout: FileLayout) -> None:
         if layout.files <= CHECK_BY_RUNNING_UP_TO:
@@ -292,4 +300,4 @@ class Runner:
                 raise ScenarioFailed(f"the loaded image is {size:,} bytes, not {expected:,}")
             self.record(metric, seconds)
             self.docker("rmi", tag)
-        self.log(f"    {metric.title}: {self.results.median(metric, self.driver):.1f}s")
+        self.log_median(metric)
