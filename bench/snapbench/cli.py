@@ -19,8 +19,16 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from snapbench.config import ALL_SCENARIOS, BENCH_DIR, CHANGE_COUNTS, FULL_SIZES, Config
+from snapbench.config import (
+    ALL_SCENARIOS,
+    BENCH_DIR,
+    CHANGE_COUNTS,
+    DEFAULT_REPORT,
+    FULL_SIZES,
+    Config,
+)
 from snapbench.env import DRIVERS, environment, raise_on_sigterm
+from snapbench.images import FileLayout, file_image_tar
 from snapbench.report import duration, write_markdown, write_plots
 from snapbench.results import Results
 from snapbench.scenarios import Runner
@@ -48,7 +56,8 @@ def _csv_ints(text: str) -> tuple[int, ...]:
 def parse_args(argv: Sequence[str]) -> Config:
     parser = argparse.ArgumentParser(
         prog="bench/run",
-        description="snapdriver (btrfs backend) against dockerd's btrfs, overlay2 and vfs drivers.",
+        description="snapdriver (btrfs backend) against dockerd's btrfs, overlay2 and vfs drivers; "
+        "with --zpool, snapdriver's zfs backend against dockerd's zfs driver.",
     )
     parser.add_argument(
         "--repeat",
@@ -81,8 +90,36 @@ def parse_args(argv: Sequence[str]) -> Config:
     )
     parser.add_argument(
         "--drivers",
-        default=",".join(spec.label for spec in DRIVERS),
-        help="comma-separated subset of: %(default)s",
+        help="comma-separated subset of: "
+        f"{', '.join(spec.label for spec in DRIVERS)} (default: those not on zfs; with "
+        "--zpool, those on zfs)",
+    )
+    parser.add_argument(
+        "--zpool",
+        help="the pool on which the zfs drivers get a root dataset each (for the ZFS lab)",
+    )
+    parser.add_argument(
+        "--images",
+        type=Path,
+        help="keep the image tars in this directory and reuse them (default: the run's "
+        "scratch directory)",
+    )
+    parser.add_argument(
+        "--prepare",
+        action="store_true",
+        help="only write the image tars into --images, then stop (no root needed)",
+    )
+    parser.add_argument(
+        "--no-plots",
+        dest="plots",
+        action="store_false",
+        help="write no plots (the ZFS lab's guest cannot import the venv's matplotlib)",
+    )
+    parser.add_argument(
+        "--report",
+        default=DEFAULT_REPORT,
+        help="the report's name: OUT/NAME.md, OUT/NAME.json, OUT/plots/NAME/ "
+        "(default %(default)s: OUT/RESULTS.md, OUT/results.json, OUT/plots/)",
     )
     parser.add_argument(
         "--scenarios",
@@ -93,7 +130,7 @@ def parse_args(argv: Sequence[str]) -> Config:
     parser.add_argument(
         "--out",
         type=Path,
-        help="where RESULTS.md, results.json and plots/ go "
+        help="where the report (RESULTS.md), results.json and plots/ go "
         "(default bench/, or bench/out/ with --smoke)",
     )
     parser.add_argument("--rpc-clients", type=int, default=8)
@@ -122,10 +159,9 @@ def parse_args(argv: Sequence[str]) -> Config:
         sizes = tuple(sorted({files, *FULL_SIZES}))
     else:
         sizes = (files,)
-    drivers = tuple(d.strip() for d in args.drivers.split(",") if d.strip())
-    known = {spec.label for spec in DRIVERS}
-    if not drivers or not set(drivers) <= known:
-        parser.error(f"--drivers: choose from {', '.join(sorted(known))}")
+    drivers = _drivers(parser, args.drivers, args.zpool)
+    if args.prepare and args.images is None:
+        parser.error("--prepare needs --images DIR")
     scenarios = frozenset(args.scenarios)
     if not scenarios or not scenarios <= ALL_SCENARIOS:
         parser.error("--scenarios: choose from 1-9")
@@ -138,7 +174,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         files=files,
         sizes=sizes if files in sizes else tuple(sorted({*sizes, files})),
         changes=tuple(sorted(set(args.changes))),
-        drivers=tuple(spec.label for spec in DRIVERS if spec.label in drivers),
+        drivers=drivers,
         scenarios=scenarios,
         out_dir=out.resolve(),
         workdir=Path("/var/tmp"),  # replaced by a fresh directory once the run can start
@@ -152,15 +188,45 @@ def parse_args(argv: Sequence[str]) -> Config:
         profile=args.profile,
         timeout=args.timeout,
         command=shlex.join(["bench/run", *argv]),
+        zpool=args.zpool,
+        images=args.images.resolve() if args.images else None,
+        report=args.report,
+        prepare=args.prepare,
+        plots=args.plots,
     )
 
 
-def preflight() -> str | None:
+def _drivers(
+    parser: argparse.ArgumentParser, text: str | None, zpool: str | None
+) -> tuple[str, ...]:
+    """The ``--drivers`` asked for, in the order of :data:`DRIVERS`."""
+    if text is None:
+        return tuple(spec.label for spec in DRIVERS if spec.on_zfs == bool(zpool))
+    wanted = {d.strip() for d in text.split(",") if d.strip()}
+    known = {spec.label for spec in DRIVERS}
+    if not wanted or not wanted <= known:
+        parser.error(f"--drivers: choose from {', '.join(sorted(known))}")
+    if not zpool and any(spec.on_zfs for spec in DRIVERS if spec.label in wanted):
+        parser.error("the zfs drivers need --zpool POOL")
+    return tuple(spec.label for spec in DRIVERS if spec.label in wanted)
+
+
+def preflight(config: Config) -> str | None:
     """None if this machine can run the benchmark, else why not."""
-    reason = can_make_loop_filesystems()
-    if reason:
-        return reason
-    for tool in ("dockerd", "docker", "mkfs.ext4", "findmnt"):
+    specs = [spec for spec in DRIVERS if spec.label in config.drivers]
+    tools = ["dockerd", "docker", "findmnt"]
+    if any(not spec.on_zfs for spec in specs):
+        reason = can_make_loop_filesystems()
+        if reason:
+            return reason
+        tools.append("mkfs.ext4")
+    elif os.geteuid() != 0:
+        return "needs root (dockerd, mounts)"
+    if any(spec.on_zfs for spec in specs):
+        tools.append("zfs")
+        if not Path("/dev/zfs").exists():
+            return "/dev/zfs is missing (no ZFS kernel module: run it in the lab, vagrant/)"
+    for tool in tools:
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
     if not Path("/bin/busybox").exists():
@@ -254,7 +320,7 @@ def run(config: Config, results: Results) -> None:
         started, load = time.monotonic(), _load()
         workdir = config.workdir / spec.label
         try:
-            with environment(spec, workdir, sizes[spec.fstype], log) as env:
+            with environment(spec, workdir, sizes.get(spec.fstype, 0), config.zpool, log) as env:
                 status = env.dockerd.docker("info", "--format", "{{json .DriverStatus}}")
                 results.driver_status[spec.label] = _driver_status(status.stdout)
                 try:
@@ -272,21 +338,34 @@ def run(config: Config, results: Results) -> None:
         log(f"== {spec.label} done in {took}")
 
 
-def leftovers() -> list[str]:
-    """Mounts or loop devices of this benchmark still present (there should be none)."""
-    state_root = str(loopfs.STATE_ROOT)
+def leftovers(config: Config) -> list[str]:
+    """Mounts, loop devices or datasets of this benchmark still present (there should be none)."""
+    roots = (str(loopfs.STATE_ROOT), str(config.workdir))
     found = [
         line
         for line in _output("findmnt", "-rn", "-o", "TARGET").splitlines()
-        if line.startswith(state_root)
+        if line.startswith(roots)
     ]
-    found += [line for line in _output("losetup", "-a").splitlines() if state_root in line]
+    found += [line for line in _output("losetup", "-a").splitlines() if roots[0] in line]
+    if config.zpool:
+        datasets = _output("zfs", "list", "-H", "-o", "name", "-t", "all", "-r", config.zpool)
+        found += [name for name in datasets.split() if name.startswith(f"{config.zpool}/bench")]
     return found
+
+
+def prepare(config: Config) -> int:
+    """``--prepare``: the image tars of the run, written where a later run will find them."""
+    config.images_dir.mkdir(parents=True, exist_ok=True)
+    for files in config.sizes:
+        log(f"image tar: {file_image_tar(config.images_dir, FileLayout.for_files(files), log)}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(list(sys.argv[1:] if argv is None else argv))
-    reason = preflight()
+    if config.prepare:
+        return prepare(config)
+    reason = preflight(config)
     if reason:
         print(f"bench/run: cannot run here: {reason}", file=sys.stderr)
         return 2
@@ -312,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log("interrupted: everything is stopped and released")
         finally:
             shutil.rmtree(config.workdir, ignore_errors=True)
-    stale = leftovers()
+    stale = leftovers(config)
     if stale:
         results.fail(f"left mounted or attached: {stale}")
     if interrupted:
@@ -324,13 +403,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     config.out_dir.mkdir(parents=True, exist_ok=True)
     plots: list[Path] = []
     try:
-        plots = write_plots(results, config)
+        plots = write_plots(results, config) if config.plots else []
     except ImportError:
         message = "matplotlib is missing: no plots (.venv/bin/pip install matplotlib)"
         (results.notes if config.smoke else results.failures).append(message)
-    results.save(config.out_dir / "results.json")
-    write_markdown(config.out_dir / "RESULTS.md", results, config, plots)
-    log(f"wrote {config.out_dir / 'RESULTS.md'} ({len(plots)} plots)")
+    results.save(config.samples_path)
+    write_markdown(config.report_path, results, config, plots)
+    log(f"wrote {config.report_path} ({len(plots)} plots)")
     for failure in results.failures:
         log(f"FAILED: {failure}")
     return 1 if results.failures else 0

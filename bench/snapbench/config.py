@@ -9,6 +9,7 @@ BENCH_DIR = Path(__file__).resolve().parent.parent
 CHANGE_COUNTS = (10, 100, 1000, 10000)
 FULL_SIZES = (10_000, 1_000_000)
 ALL_SCENARIOS = frozenset(range(1, 10))
+DEFAULT_REPORT = "RESULTS"
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,29 @@ class Config:
     profile: bool
     timeout: float  # for one docker command
     command: str  # as typed, for the report
+    zpool: str | None  # the pool the zfs drivers make their datasets on
+    images: Path | None  # where image tars are kept and reused; None: the run's workdir
+    report: str  # the report's file name, without .md (results: .json)
+    prepare: bool  # write the image tars into ``images`` and stop
+    plots: bool
+
+    @property
+    def images_dir(self) -> Path:
+        return self.images or self.workdir
+
+    @property
+    def report_path(self) -> Path:
+        return self.out_dir / f"{self.report}.md"
+
+    @property
+    def samples_path(self) -> Path:
+        name = "results" if self.report == DEFAULT_REPORT else self.report
+        return self.out_dir / f"{name}.json"
 
     @property
     def plots_dir(self) -> Path:
-        return self.out_dir / "plots"
+        plots = self.out_dir / "plots"
+        return plots if self.report == DEFAULT_REPORT else plots / self.report
 
     @property
     def scratch_dir(self) -> Path:

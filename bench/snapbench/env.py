@@ -37,16 +37,25 @@ class DriverSpec:
     @property
     def description(self) -> str:
         if self.plugin:
-            return f"snapdriver --backend btrfs (plugin `{self.storage_driver}`) on btrfs"
+            where = "a dataset of its own" if self.on_zfs else self.fstype
+            return f"snapdriver --backend {self.fstype} (plugin `{self.storage_driver}`) on {where}"
+        if self.on_zfs:
+            return f"dockerd in-tree `{self.storage_driver}` on a dataset of its own"
         return f"dockerd in-tree `{self.storage_driver}` on {self.fstype}"
 
+    @property
+    def on_zfs(self) -> bool:
+        """Its layers go to a root dataset on ``--zpool``, not to a loop filesystem."""
+        return self.fstype == "zfs"
 
-SNAPDRIVER = DriverSpec("snapdriver", PLUGIN_NAME, "btrfs", plugin=True)
+
 DRIVERS = (
-    SNAPDRIVER,
+    DriverSpec("snapdriver", PLUGIN_NAME, "btrfs", plugin=True),
     DriverSpec("btrfs", "btrfs", "btrfs"),
     DriverSpec("overlay2", "overlay2", "ext4"),
     DriverSpec("vfs", "vfs", "ext4"),
+    DriverSpec("snapdriver-zfs", PLUGIN_NAME, "zfs", plugin=True),
+    DriverSpec("zfs", "zfs", "zfs"),
 )
 
 
@@ -164,21 +173,57 @@ def _teardown(env: Environment, log: Callable[[str], None]) -> None:
 
 
 @contextlib.contextmanager
+def zfs_filesystem(pool: str, mnt: Path) -> Iterator[Path]:
+    """A fresh root dataset ``POOL/bench<hex>`` mounted at ``mnt``, destroyed with all below it.
+
+    Docker's data root goes on it, as in Docker's own ZFS set-up, so both zfs drivers find their
+    root dataset from the data root.
+    """
+    from snapdriver_zfs.testing import scratch_root  # the zfs backend is an optional install
+
+    with scratch_root("bench", pool) as root:
+        mnt.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "zfs", root, str(mnt)], check=True, capture_output=True)
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["umount", "-R", str(mnt)], check=False, capture_output=True)
+
+
+def filesystem(
+    spec: DriverSpec, workdir: Path, size_mb: int, zpool: str | None
+) -> contextlib.AbstractContextManager[Path]:
+    """Where ``spec``'s dockerd keeps its data root: a loop filesystem, or a ZFS root dataset."""
+    if not spec.on_zfs:
+        return loop_filesystem(spec.fstype, size_mb)
+    if zpool is None:
+        raise RuntimeError(f"{spec.label} needs a pool (--zpool)")
+    return zfs_filesystem(zpool, workdir / "mnt")
+
+
+@contextlib.contextmanager
 def environment(
-    spec: DriverSpec, workdir: Path, fs_size_mb: int, log: Callable[[str], None]
+    spec: DriverSpec,
+    workdir: Path,
+    fs_size_mb: int,
+    zpool: str | None,
+    log: Callable[[str], None],
 ) -> Iterator[Environment]:
-    """Make the loop filesystem, start the plugin (first) and dockerd; undo it all after."""
+    """Make the filesystem, start the plugin (first) and dockerd; undo it all after."""
     workdir.mkdir(parents=True, exist_ok=True)
     stack = contextlib.ExitStack()
     env: Environment | None = None
     try:
-        mount = stack.enter_context(loop_filesystem(spec.fstype, fs_size_mb))
-        log(f"  {spec.fstype} loop filesystem ({fs_size_mb} MiB, sparse) at {mount}")
+        mount = stack.enter_context(filesystem(spec, workdir, fs_size_mb, zpool))
+        if spec.on_zfs:
+            log(f"  root dataset on pool {zpool} mounted at {mount}")
+        else:
+            log(f"  {spec.fstype} loop filesystem ({fs_size_mb} MiB, sparse) at {mount}")
         plugin = None
         if spec.plugin:
             (workdir / "plugin").mkdir(exist_ok=True)
             plugin = PluginProcess(
-                "btrfs",
+                spec.fstype,
                 workdir / "plugin",
                 name=PLUGIN_NAME,
                 socket_path=PLUGIN_SOCKET,
@@ -190,7 +235,7 @@ def environment(
         env = Environment(spec, workdir, mount, dockerd, plugin)
         if plugin is not None:
             plugin.start()
-        dockerd.start()
+        dockerd.start(timeout=180)  # a minute is not enough in the emulated ZFS lab
         found = dockerd.docker("info", "--format", "{{.Driver}}").stdout.strip()
         if found != spec.storage_driver:
             raise RuntimeError(

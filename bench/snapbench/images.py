@@ -15,6 +15,7 @@ import json
 import os
 import re
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -87,6 +88,17 @@ def write_file_image(path: Path, layout: FileLayout) -> None:
                 info = tarfile.TarInfo(f"data/d{d}/f{f}")
                 info.size, info.mode, info.mtime = len(data), 0o644, MTIME
                 tar.addfile(info, io.BytesIO(data))
+
+
+def file_image_tar(directory: Path, layout: FileLayout, log: Callable[[str], None]) -> Path:
+    """``layout``'s image tar in ``directory``, written unless an earlier run left it there."""
+    path = directory / f"files-{layout.files}.tar"
+    if not path.exists():
+        log(f"    writing {path} ({layout.dirs} dirs x {layout.per_dir} files)")
+        partial = path.with_suffix(".partial")
+        write_file_image(partial, layout)
+        partial.rename(path)  # only a whole tar has the name that is reused
+    return path
 
 
 def write_build_context(directory: Path, base: str, files: int = 50) -> None:

@@ -9,17 +9,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from snapbench import results as m
-from snapbench.config import BENCH_DIR, Config
+from snapbench.config import BENCH_DIR, DEFAULT_REPORT, Config
 from snapbench.env import DRIVERS
 from snapbench.results import Metric, Results
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-REFERENCE = "snapdriver"
-#: bench/native_changes.py's results, kept by hand: included, never overwritten, by each report.
-NATIVE_CHANGES = BENCH_DIR / "native-changes.md"
-COLOURS = {"snapdriver": "tab:red", "btrfs": "tab:blue", "overlay2": "tab:green", "vfs": "tab:gray"}
+#: Results made elsewhere, included (never overwritten) in each RESULTS.md: those of
+#: bench/native_changes.py (kept by hand) and the ZFS lab's report (``bench/zfs-lab``).
+KEPT = {
+    BENCH_DIR / "native-changes.md": "written by hand from `bench/native_changes.py`",
+    BENCH_DIR / "zfs-lab.md": "from `bench/zfs-lab` runs in the ZFS lab",
+}
+COLOURS = {
+    "snapdriver": "tab:red",
+    "btrfs": "tab:blue",
+    "overlay2": "tab:green",
+    "vfs": "tab:gray",
+    "snapdriver-zfs": "tab:red",
+    "zfs": "tab:orange",
+}
 
 
 def fmt(value: float | None, unit: str) -> str:
@@ -36,8 +46,17 @@ def fmt(value: float | None, unit: str) -> str:
     return f"{value:,.0f} {unit}"
 
 
+def reference(results: Results) -> str | None:
+    """The driver the others are compared with: the run's first snapdriver plugin."""
+    plugins = {spec.label for spec in DRIVERS if spec.plugin}
+    return next((d for d in results.drivers if d in plugins), None)
+
+
 def ratio(results: Results, metric: Metric, peer: str) -> str:
-    ours, theirs = results.median(metric, REFERENCE), results.median(metric, peer)
+    ref = reference(results)
+    if ref is None:
+        return "—"
+    ours, theirs = results.median(metric, ref), results.median(metric, peer)
     if ours is None or theirs is None or theirs == 0:
         return "—"
     value = ours / theirs
@@ -51,16 +70,16 @@ def duration(seconds: float) -> str:
 
 
 def _medians_table(results: Results, metrics: Sequence[Metric]) -> list[str]:
-    drivers = results.drivers
-    peers = [d for d in drivers if d != REFERENCE]
+    drivers, ref = results.drivers, reference(results)
+    peers = [d for d in drivers if d != ref]
     head = ["scenario", *drivers]
-    if REFERENCE in drivers:
-        head += [f"{REFERENCE} / {peer}" for peer in peers]
+    if ref is not None:
+        head += [f"{ref} / {peer}" for peer in peers]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for metric in metrics:
         label = f"{metric.scenario}. {metric.title}" if metric.scenario else metric.title
         row = [label, *(fmt(results.median(metric, d), metric.unit) for d in drivers)]
-        if REFERENCE in drivers:
+        if ref is not None:
             row += [
                 ratio(results, metric, peer) if not metric.higher_is_better else "—"
                 for peer in peers
@@ -71,13 +90,13 @@ def _medians_table(results: Results, metrics: Sequence[Metric]) -> list[str]:
 
 def _headline(results: Results, files: int) -> list[str]:
     diff, commit = m.diff_by_size(files), m.commit(files)
-    if diff not in results.samples and commit not in results.samples:
+    ref = reference(results)
+    if ref is None or (diff not in results.samples and commit not in results.samples):
         return []
     lines = [
         f"## Headline: 10 changed files on the {files:,}-file image",
         "",
-        "| driver | `docker diff` | `docker commit` | snapdriver's diff is "
-        "| snapdriver's commit is |",
+        f"| driver | `docker diff` | `docker commit` | {ref}'s diff is | {ref}'s commit is |",
         "|---|---|---|---|---|",
     ]
     for driver in results.drivers:
@@ -87,8 +106,8 @@ def _headline(results: Results, files: int) -> list[str]:
             fmt(results.median(commit, driver), "s"),
         ]
         for metric in (diff, commit):
-            ours, theirs = results.median(metric, REFERENCE), results.median(metric, driver)
-            if driver == REFERENCE or ours is None or not theirs:
+            ours, theirs = results.median(metric, ref), results.median(metric, driver)
+            if driver == ref or ours is None or not theirs:
                 cells.append("—")
             else:
                 factor = theirs / ours
@@ -103,11 +122,12 @@ def write_markdown(path: Path, results: Results, config: Config, plots: Sequence
     machine = results.machine
     readme = os.path.relpath(BENCH_DIR / "README.md", path.parent)
     lines = [
-        "# snapdriver benchmark results",
+        "# snapdriver benchmark results"
+        + (f" on ZFS (pool `{config.zpool}`)" if config.zpool else ""),
         "",
         f"Written by `{config.command}` on {machine.get('date', '?')}; the run took "
         f"{machine.get('duration', '?')}. How to run it and what each scenario measures: "
-        f"[README.md]({readme}). Raw samples: `results.json` beside this file.",
+        f"[README.md]({readme}). Raw samples: `{config.samples_path.name}` beside this file.",
         "",
         "## Machine",
         "",
@@ -172,22 +192,23 @@ def write_markdown(path: Path, results: Results, config: Config, plots: Sequence
         lines += [f"- FAILED: {failure}" for failure in results.failures]
         lines += [f"- {note}" for note in results.notes]
         lines.append("")
-    lines += native_changes_section(path)
+    if config.report == DEFAULT_REPORT:
+        for kept, origin in KEPT.items():
+            lines += kept_section(path, kept, origin)
     path.write_text("\n".join(lines))
 
 
-def native_changes_section(path: Path) -> list[str]:
-    """``native-changes.md`` as a section of the report at ``path``, its headings a level down."""
-    if not NATIVE_CHANGES.exists():
+def kept_section(path: Path, kept: Path, origin: str) -> list[str]:
+    """The file ``kept`` as a section of the report at ``path``, its headings a level down."""
+    if not kept.exists():
         return []
-    body = NATIVE_CHANGES.read_text().strip().splitlines()
-    title = body.pop(0).lstrip("# ") if body and body[0].startswith("# ") else "Native Changes"
-    link = os.path.relpath(NATIVE_CHANGES, path.parent)
+    body = kept.read_text().strip().splitlines()
+    title = body.pop(0).lstrip("# ") if body and body[0].startswith("# ") else kept.stem
+    link = os.path.relpath(kept, path.parent)
     return [
         f"## {title}",
         "",
-        f"Not part of this run: copied from [native-changes.md]({link}), written by hand from "
-        "`bench/native_changes.py` (see the README).",
+        f"Not part of this run: copied from [{kept.name}]({link}), {origin} (see the README).",
         *_demoted(body),
         "",
     ]

@@ -23,8 +23,8 @@ from snapbench.env import Environment
 from snapbench.images import (
     FileLayout,
     changed_files,
+    file_image_tar,
     write_build_context,
-    write_file_image,
     write_save_archive,
 )
 from snapbench.plugin_calls import create_on_big_parent, stream_memory
@@ -68,6 +68,14 @@ class Runner:
         self.results.add(metric, self.driver, seconds)
         self.env.sample_rss()
 
+    def log_median(self, metric: m.Metric) -> None:
+        """The median and every run, so that the log alone serves if the run is cut short."""
+        runs = self.results.samples[metric][self.driver]
+        self.log(
+            f"    {metric.title}: {self.results.median(metric, self.driver):.3f}s "
+            f"(runs: {', '.join(f'{r:.3f}' for r in runs)})"
+        )
+
     @contextlib.contextmanager
     def guarded(self, what: str) -> Iterator[None]:
         """Record a failure and go on with the next scenario; Ctrl-C still ends the run."""
@@ -78,15 +86,6 @@ class Runner:
             message = f"{self.driver}: {what}: {err}"
             self.log(f"  FAILED {message}\n{traceback.format_exc()}")
             self.results.fail(message)
-
-    def tar_for(self, layout: FileLayout) -> Path:
-        path = self.config.workdir / f"files-{layout.files}.tar"
-        if not path.exists():
-            self.log(f"    writing {path.name} ({layout.dirs} dirs x {layout.per_dir} files)")
-            partial = path.with_suffix(".partial")
-            write_file_image(partial, layout)
-            partial.rename(path)
-        return path
 
     @contextlib.contextmanager
     def profiled(self, name: str) -> Iterator[None]:
@@ -164,7 +163,7 @@ class Runner:
         cfg = self.config
         layout = FileLayout.for_files(files)
         tag = f"sdbench-files-{layout.files}"
-        tar = self.tar_for(layout)
+        tar = file_image_tar(self.config.images_dir, layout, self.log)
         with self.profiled(f"import-{layout.files}"):
             seconds, _ = self.timed("import", str(tar), tag)
         self.record(m.image_import(layout.files), seconds)
@@ -222,7 +221,7 @@ class Runner:
             if i == 0:
                 digest = hashlib.sha256("\n".join(sorted(out.splitlines())).encode()).hexdigest()
                 self.results.diff_digests.setdefault(metric.title, {})[self.driver] = digest[:16]
-        self.log(f"    {metric.title}: {self.results.median(metric, self.driver):.3f}s")
+        self.log_median(metric)
 
     def commit(self, container: str, layout: FileLayout) -> None:
         metric = m.commit(layout.files)
@@ -233,7 +232,7 @@ class Runner:
             if i == 0:
                 self.check_commit(image, layout)
             self.docker("rmi", image)
-        self.log(f"    {metric.title}: {self.results.median(metric, self.driver):.3f}s")
+        self.log_median(metric)
 
     def check_commit(self, image: str, layout: FileLayout) -> None:
         if layout.files <= CHECK_BY_RUNNING_UP_TO:
@@ -301,4 +300,4 @@ class Runner:
                 raise ScenarioFailed(f"the loaded image is {size:,} bytes, not {expected:,}")
             self.record(metric, seconds)
             self.docker("rmi", tag)
-        self.log(f"    {metric.title}: {self.results.median(metric, self.driver):.1f}s")
+        self.log_median(metric)
