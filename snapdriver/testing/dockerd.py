@@ -43,6 +43,15 @@ APPLETS = (
 )
 
 
+#: What dockerd logs when the containerd it started was not up in time (it then exits).
+CONTAINERD_TIMEOUT = "timeout waiting for containerd to start"
+START_ATTEMPTS = 3
+
+
+class _ExitedEarly(RuntimeError):
+    """dockerd exited before its API answered."""
+
+
 def docker_cli() -> str:
     found = shutil.which("docker")
     if found is None:
@@ -94,6 +103,21 @@ class Dockerd:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> None:
+        """Start dockerd and wait for its API.
+
+        dockerd gives the containerd it starts a fixed few seconds and exits when that is not
+        enough, as on a loaded host or in the lab's emulated guest: that exit is retried.
+        """
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                self._start_once(timeout)
+                return
+            except _ExitedEarly as err:
+                if attempt == START_ATTEMPTS or CONTAINERD_TIMEOUT not in str(err):
+                    raise
+                self.stop()  # the exec root it left
+
+    def _start_once(self, timeout: float) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         command = [
             "dockerd",
@@ -119,7 +143,7 @@ class Dockerd:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"dockerd exited early:\n{self.log_tail()}")
+                raise _ExitedEarly(f"dockerd exited early:\n{self.log_tail()}")
             if self.docker("version", check=False).returncode == 0:
                 return
             time.sleep(0.3)
