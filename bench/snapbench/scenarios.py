@@ -245,9 +245,10 @@ class Runner:
             raise ScenarioFailed(f"the committed layer is empty: docker history says {sizes}")
 
     def run_true(self) -> None:
-        for _ in range(self.config.repeat):
-            seconds, _ = self.timed("run", "--rm", "--network", "none", SMALL_IMAGE, "true")
-            self.record(m.run_true(), seconds)
+        with self.profiled("run-rm"):  # one flame graph over every repeat
+            for _ in range(self.config.repeat):
+                seconds, _ = self.timed("run", "--rm", "--network", "none", SMALL_IMAGE, "true")
+                self.record(m.run_true(), seconds)
         self.log(f"    {m.run_true().title}: {self.results.median(m.run_true(), self.driver):.3f}s")
 
     def build(self) -> None:
@@ -256,9 +257,10 @@ class Runner:
             write_build_context(context, SMALL_IMAGE)
         for i in range(self.config.repeat):
             image = f"sdbench-built-{i}"
-            seconds, _ = self.timed(
-                "build", "--no-cache", "--network", "none", "-t", image, str(context)
-            )
+            with self.profiled("build"):
+                seconds, _ = self.timed(
+                    "build", "--no-cache", "--network", "none", "-t", image, str(context)
+                )
             self.record(m.build(), seconds)
             if i == 0:
                 out = self.docker("run", "--rm", "--network", "none", image, "cat", "/app/count")
