@@ -113,6 +113,9 @@ class _Unpacker:
         parent, base = split(rel)
         if not rel:
             self._root_metadata(member)
+        elif member.isreg():
+            # Most entries: the existence check is the O_EXCL open, metadata goes through the fd.
+            self._write_file(self.parent_fd(parent), base, member)
         else:
             dir_fd = self.parent_fd(parent)
             existing = lstat_at(dir_fd, base)
@@ -130,8 +133,6 @@ class _Unpacker:
             st = lstat_at(dir_fd, base)
             if st is None:
                 os.mkdir(base, mode, dir_fd=dir_fd)
-        elif member.isreg():
-            self._write_file(dir_fd, base, member, mode)
         elif member.issym():
             os.symlink(member.linkname, base, dir_fd=dir_fd)
         elif member.islnk():
@@ -144,17 +145,25 @@ class _Unpacker:
         else:
             raise ArchiveError(f"tar entry {member.name!r} has unsupported type {member.type!r}")
 
-    def _write_file(self, dir_fd: int, base: str, member: tarfile.TarInfo, mode: int) -> None:
+    def _write_file(self, dir_fd: int, base: str, member: tarfile.TarInfo) -> None:
+        """A regular file, replacing whatever is at ``base``, with its metadata set by fd."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(base, flags, mode, dir_fd=dir_fd)
+        try:
+            fd = os.open(base, flags, 0o600, dir_fd=dir_fd)
+        except FileExistsError:
+            remove_at(dir_fd, base)
+            fd = os.open(base, flags, 0o600, dir_fd=dir_fd)
         try:
             source = self.tar.extractfile(member)
-            if source is None:
-                return
-            while chunk := _read(source):
+            while source is not None and (chunk := _read(source)):
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view) :]
+            # The order of _metadata; by fd, each saves a path lookup.
+            os.fchown(fd, member.uid, member.gid)
+            self._xattrs(fd, member)
+            os.fchmod(fd, member.mode & 0o7777)
+            os.utime(fd, ns=_times(member))
         finally:
             os.close(fd)
 
@@ -202,14 +211,16 @@ class _Unpacker:
         os.fchmod(self.root_fd, member.mode & 0o7777)
 
     @staticmethod
-    def _xattrs(path: str, member: tarfile.TarInfo) -> None:
+    def _xattrs(path: str | int, member: tarfile.TarInfo) -> None:
         for key, value in member.pax_headers.items():
             if not key.startswith(_XATTR_PREFIX):
                 continue
             name = key[len(_XATTR_PREFIX) :]
             try:
+                # A path must not be followed; an fd is the file itself (and may not be told so).
+                follow = isinstance(path, int)
                 os.setxattr(
-                    path, name, value.encode("utf-8", "surrogateescape"), follow_symlinks=False
+                    path, name, value.encode("utf-8", "surrogateescape"), follow_symlinks=follow
                 )
             except OSError as err:
                 # Docker ignores filesystems (and xattr namespaces) that refuse xattrs.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import tarfile
 from pathlib import Path
 
@@ -217,3 +218,29 @@ def test_ends_go_accepts(tmp_path: Path, end: str) -> None:
 def test_a_stream_of_zeros_is_an_empty_layer(tmp_path: Path) -> None:
     assert apply_tar(tmp_path, io.BytesIO(bytes(1 << 20))) == 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_replaces_whatever_is_there(tmp_path: Path) -> None:
+    """Dockerd's rule: an existing entry is replaced unless both are directories; a symlink in
+    the way is replaced, never written through."""
+    layer, outside = tmp_path / "layer", tmp_path / "outside"
+    layer.mkdir()
+    outside.write_text("keep")
+    (layer / "was-dir" / "sub").mkdir(parents=True)
+    (layer / "was-dir" / "sub" / "f").write_text("x")
+    (layer / "was-link").symlink_to(outside)
+    (layer / "was-file").write_text("old, and longer than the new content")
+    mtime = 1_600_000_000
+    pax = {"SCHILY.xattr.user.snapdriver": "v"}
+    names = ("was-dir", "was-link", "was-file", "new")
+    data = make_tar(
+        *(entry(n, data=n.encode(), mode=0o640, mtime=mtime, pax_headers=pax) for n in names)
+    )
+    apply_tar(layer, io.BytesIO(data))
+    assert outside.read_text() == "keep"
+    for name in names:
+        st = os.lstat(layer / name)
+        assert stat.S_ISREG(st.st_mode), name
+        assert (layer / name).read_bytes() == name.encode()
+        assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o640, mtime * 10**9), name
+        assert os.getxattr(layer / name, "user.snapdriver") == b"v"
