@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from snapbench import contention
 from snapbench.config import (
     ALL_SCENARIOS,
     BENCH_DIR,
@@ -142,7 +143,13 @@ def parse_args(argv: Sequence[str]) -> Config:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="py-spy the plugin during the import and scenarios 1-3 (bench/out/profile-*.svg)",
+        help="py-spy the plugin during scenarios 1-5 and 7 (bench/out/profile-*.svg)",
+    )
+    parser.add_argument(
+        "--contend",
+        choices=contention.KINDS,
+        help="run every driver beside the same load: one busy core (cpu) or an fsyncing "
+        "disk writer (io)",
     )
     parser.add_argument(
         "--timeout",
@@ -186,6 +193,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         create_files=1000 if args.smoke else 1_000_000,
         stream_mib=16 if args.smoke else 2048,
         profile=args.profile,
+        contend=args.contend,
         timeout=args.timeout,
         command=shlex.join(["bench/run", *argv]),
         zpool=args.zpool,
@@ -384,8 +392,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{config.command}: drivers {', '.join(config.drivers)}, image sizes "
             f"{', '.join(f'{s:,}' for s in config.sizes)}, repeat {config.repeat}"
         )
+        if config.contend:
+            results.machine["contention (--contend)"] = contention.describe(config.contend)
         try:
-            run(config, results)
+            with contention.contended(config.contend, config.workdir):
+                run(config, results)
         except KeyboardInterrupt:
             interrupted = True
             log("interrupted: everything is stopped and released")

@@ -30,6 +30,7 @@ class Config:
     create_files: int  # scenario 8: files in the big parent
     stream_mib: int  # scenario 9: size of the ApplyDiff and the Diff
     profile: bool
+    contend: str | None  # the neighbour every driver runs beside: "cpu", "io" or none
     timeout: float  # for one docker command
     command: str  # as typed, for the report
     zpool: str | None  # the pool the zfs drivers make their datasets on

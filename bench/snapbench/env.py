@@ -121,6 +121,27 @@ class Environment:
                 self.peak_rss_kib[name] = max(kib, self.peak_rss_kib.get(name, 0))
 
 
+def busy_cpu_seconds() -> float:
+    """CPU time the whole machine has spent not idle since boot (``/proc/stat``)."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    idle, iowait = fields[3], fields[4]
+    return (sum(fields[:8]) - idle - iowait) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int | None) -> float:
+    """User plus system time of a live process (0 when there is none)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # Fields after the parenthesised name; utime and stime are the 14th and 15th.
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _alive(pid: int | None) -> bool:
     return pid is not None and Path(f"/proc/{pid}").exists()
 

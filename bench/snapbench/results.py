@@ -84,6 +84,13 @@ def image_load(files: int, mib: int) -> Metric:
     return Metric(7, "load", files, "s", f"`docker load` of a {mib:,} MiB image of {files:,} files")
 
 
+def cpu(of: Metric, whose: str) -> Metric:
+    """CPU seconds spent during each timed run of ``of``: ``"all"`` (every process and kernel
+    thread on the machine) or ``"plugin"`` (its own process)."""
+    what = {"all": "the whole machine", "plugin": "the plugin process"}[whose]
+    return Metric(of.scenario, f"{of.key}-cpu-{whose}", of.param, "s", f"  CPU time of {what}")
+
+
 def create_on(files: int) -> Metric:
     parent = f"a parent of {files:,} files" if files else "an empty parent"
     return Metric(8, "create-a", files, "ms", f"plugin Create (snapshot) on {parent}")

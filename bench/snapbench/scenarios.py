@@ -19,7 +19,7 @@ from pathlib import Path
 
 from snapbench import results as m
 from snapbench.config import Config
-from snapbench.env import Environment
+from snapbench.env import Environment, busy_cpu_seconds, process_cpu_seconds
 from snapbench.images import (
     FileLayout,
     changed_files,
@@ -63,6 +63,20 @@ class Runner:
         start = time.perf_counter()
         out = self.docker(*args)
         return time.perf_counter() - start, out
+
+    def measured(self, metric: m.Metric, *args: str) -> str:
+        """Run a docker command and record its wall time and the CPU it cost: on the whole
+        machine (what decides the wall time when the cores are shared) and in the plugin."""
+        pid = self.env.plugin_pid
+        busy, plugin = busy_cpu_seconds(), process_cpu_seconds(pid)
+        seconds, out = self.timed(*args)
+        self.results.add(m.cpu(metric, "all"), self.driver, busy_cpu_seconds() - busy)
+        if pid is not None:
+            self.results.add(
+                m.cpu(metric, "plugin"), self.driver, process_cpu_seconds(pid) - plugin
+            )
+        self.record(metric, seconds)
+        return out
 
     def record(self, metric: m.Metric, seconds: float) -> None:
         self.results.add(metric, self.driver, seconds)
@@ -247,8 +261,7 @@ class Runner:
     def run_true(self) -> None:
         with self.profiled("run-rm"):  # one flame graph over every repeat
             for _ in range(self.config.repeat):
-                seconds, _ = self.timed("run", "--rm", "--network", "none", SMALL_IMAGE, "true")
-                self.record(m.run_true(), seconds)
+                self.measured(m.run_true(), "run", "--rm", "--network", "none", SMALL_IMAGE, "true")
         self.log(f"    {m.run_true().title}: {self.results.median(m.run_true(), self.driver):.3f}s")
 
     def build(self) -> None:
@@ -258,10 +271,9 @@ class Runner:
         for i in range(self.config.repeat):
             image = f"sdbench-built-{i}"
             with self.profiled("build"):
-                seconds, _ = self.timed(
-                    "build", "--no-cache", "--network", "none", "-t", image, str(context)
+                self.measured(
+                    m.build(), "build", "--no-cache", "--network", "none", "-t", image, str(context)
                 )
-            self.record(m.build(), seconds)
             if i == 0:
                 out = self.docker("run", "--rm", "--network", "none", image, "cat", "/app/count")
                 if out.strip() != "50":
@@ -296,10 +308,9 @@ class Runner:
         expected = cfg.load_files * (cfg.load_mib * 1024 * 1024 // cfg.load_files)
         for _ in range(cfg.repeat):
             with self.profiled("load"):
-                seconds, _ = self.timed("load", "-q", "-i", str(archive))
+                self.measured(metric, "load", "-q", "-i", str(archive))
             size = int(self.docker("image", "inspect", "-f", "{{.Size}}", tag))
             if size < expected:
                 raise ScenarioFailed(f"the loaded image is {size:,} bytes, not {expected:,}")
-            self.record(metric, seconds)
             self.docker("rmi", tag)
         self.log_median(metric)
