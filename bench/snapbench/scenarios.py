@@ -298,7 +298,7 @@ class Runner:
     def load(self) -> None:
         cfg = self.config
         tag = "sdbench-load:latest"
-        archive = cfg.workdir / f"load-{cfg.load_files}-{cfg.load_mib}.tar"
+        archive = cfg.images_dir / f"load-{cfg.load_files}-{cfg.load_mib}.tar"
         if not archive.exists():
             self.log(f"    writing {archive.name} ({cfg.load_files:,} files, {cfg.load_mib:,} MiB)")
             partial = archive.with_suffix(".partial")
