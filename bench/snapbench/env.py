@@ -124,9 +124,9 @@ class Environment:
 def busy_cpu_seconds() -> float:
     """CPU time the whole machine has spent not idle since boot (``/proc/stat``)."""
     with open("/proc/stat") as stat:
-        fields = [int(v) for v in stat.readline().split()[1:]]
-    idle, iowait = fields[3], fields[4]
-    return (sum(fields[:8]) - idle - iowait) / os.sysconf("SC_CLK_TCK")
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, stat.readline().split()[1:8])
+    # Not steal: that is time the hypervisor gave to someone else.
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def process_cpu_seconds(pid: int | None) -> float:
