@@ -377,9 +377,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if reason:
         print(f"bench/run: cannot run here: {reason}", file=sys.stderr)
         return 2
-    config = dataclasses.replace(
-        config, workdir=Path(tempfile.mkdtemp(prefix="snapbench-", dir="/var/tmp"))
-    )
     os.environ["DOCKER_BUILDKIT"] = "0"  # scenario 5 measures the classic builder
     raise_on_sigterm()
     results = Results(drivers=list(config.drivers))
@@ -394,6 +391,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if config.contend:
             results.machine["contention (--contend)"] = contention.describe(config.contend)
+        # Made under the lock, so a run refused by it leaves nothing behind.
+        config = dataclasses.replace(
+            config, workdir=Path(tempfile.mkdtemp(prefix="snapbench-", dir="/var/tmp"))
+        )
         try:
             with contention.contended(config.contend, config.workdir):
                 run(config, results)
