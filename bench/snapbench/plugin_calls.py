@@ -20,6 +20,7 @@ from pathlib import Path
 
 from snapbench import results as m
 from snapbench.config import Config
+from snapbench.env import vm_hwm_kib
 from snapdriver.protocol.client import PluginClient
 from snapdriver.testing.process import PluginProcess
 
@@ -126,7 +127,7 @@ def _reset_peak(pid: int) -> None:
 
 
 def _peak_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM for process {pid}")
+    kib = vm_hwm_kib(pid)
+    if kib is None:
+        raise RuntimeError(f"no VmHWM for process {pid}")
+    return kib / 1024

@@ -212,13 +212,13 @@ class _Unpacker:
 
     @staticmethod
     def _xattrs(path: str | int, member: tarfile.TarInfo) -> None:
+        # A path must not be followed; an fd is the file itself (and may not be told so).
+        follow = isinstance(path, int)
         for key, value in member.pax_headers.items():
             if not key.startswith(_XATTR_PREFIX):
                 continue
             name = key[len(_XATTR_PREFIX) :]
             try:
-                # A path must not be followed; an fd is the file itself (and may not be told so).
-                follow = isinstance(path, int)
                 os.setxattr(
                     path, name, value.encode("utf-8", "surrogateescape"), follow_symlinks=follow
                 )
