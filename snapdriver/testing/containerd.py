@@ -9,6 +9,7 @@ image-layout tar that ``ctr images import`` accepts, from layers made here (no r
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -33,6 +34,9 @@ from snapdriver.testing.process import SOCKETS
 MAX_SOCKET_PATH = 107
 #: Where private containerds keep their state and sockets: short, so socket paths fit.
 RUN_ROOT = Path("/run/sdctr")
+#: Where runc keeps container state, one directory per containerd namespace, shared by all
+#: containerds on the host (so test namespaces carry the test process's ID).
+RUNC_ROOT = Path("/run/containerd/runc")
 
 
 def _stop_process(proc: subprocess.Popen[bytes], timeout: float) -> int:
@@ -64,11 +68,17 @@ def _wait_for(
 class ContainerdFront:
     """``python -m snapdriver.containerd --backend NAME --root DIR --listen unix://SOCKET``.
 
-    The front serves once its socket exists. Its output goes to ``log_path``.
+    The front serves once its socket exists. Its output goes to ``log_path``. ``program`` replaces
+    everything before ``--root`` (a control, such as containerd's own snapshotter served by Go).
     """
 
     def __init__(
-        self, root: Path, socket_path: Path, backend: str = "btrfs", extra_args: Sequence[str] = ()
+        self,
+        root: Path,
+        socket_path: Path,
+        backend: str = "btrfs",
+        extra_args: Sequence[str] = (),
+        program: Sequence[str] | None = None,
     ) -> None:
         if len(str(socket_path)) > MAX_SOCKET_PATH:
             raise ValueError(f"socket path longer than {MAX_SOCKET_PATH} bytes: {socket_path}")
@@ -77,16 +87,15 @@ class ContainerdFront:
         self.backend = backend
         self.log_path = socket_path.with_suffix(".log")
         self.extra_args = list(extra_args)
+        self.program = list(program or [sys.executable, "-m", "snapdriver.containerd"])
         self._proc: subprocess.Popen[bytes] | None = None
         SOCKETS.append(socket_path)
 
     def command(self) -> list[str]:
+        backend = ["--backend", self.backend] if self.backend else []
         return [
-            sys.executable,
-            "-m",
-            "snapdriver.containerd",
-            "--backend",
-            self.backend,
+            *self.program,
+            *backend,
             "--root",
             str(self.root),
             "--listen",
@@ -131,6 +140,12 @@ class ContainerdFront:
         self.stop()
         self.start()
 
+    def close(self) -> None:
+        """Stop, and remove the socket and the log."""
+        self.stop()
+        self.socket.unlink(missing_ok=True)
+        self.log_path.unlink(missing_ok=True)
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -164,6 +179,7 @@ class Containerd:
         self.opt = self.run_dir / "opt"
         self.config_path = self.run_dir / "config.toml"
         self.log_path = self.run_dir / "containerd.log"
+        self.namespaces = {namespace}
         self._proc: subprocess.Popen[bytes] | None = None
 
     def config(self) -> str:
@@ -224,9 +240,13 @@ class Containerd:
         _unmount_tree(self.root)
 
     def close(self) -> None:
-        """Stop, and remove the private run directory (state and sockets)."""
+        """Stop, and remove the private run directory (state and sockets) and runc's (empty)
+        directories of the namespaces used."""
         self.stop()
         shutil.rmtree(self.run_dir, ignore_errors=True)
+        for namespace in self.namespaces:
+            with contextlib.suppress(OSError):
+                (RUNC_ROOT / namespace).rmdir()
 
     def restart(self) -> None:
         """containerd only: running shims and their containers live on, as in production."""
@@ -252,7 +272,9 @@ class Containerd:
     def ctr(
         self, *args: str, namespace: str | None = None, check: bool = True, timeout: float = 300
     ) -> subprocess.CompletedProcess[str]:
-        base = ["ctr", "--address", str(self.address), "--namespace", namespace or self.namespace]
+        namespace = namespace or self.namespace
+        self.namespaces.add(namespace)
+        base = ["ctr", "--address", str(self.address), "--namespace", namespace]
         done = subprocess.run(
             [*base, *args],
             stdin=subprocess.DEVNULL,
