@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from snapdriver.testing.dockerd import busybox_rootfs_tar
 from snapdriver.testing.loopfs import _unmount_tree
@@ -438,3 +439,62 @@ def busybox_image_layers(marker: bytes = b"snapdriver") -> list[Layer]:
         Layer(layer_tar({}, deleted=[DOOMED]), gzipped=False, comment=f"rm /{DOOMED}"),
         Layer(layer_tar({ADDED: marker + b"\n"}), gzipped=True, comment=f"add /{ADDED}"),
     ]
+
+
+# --- a plain gRPC client of the snapshots.v1 API, for calls containerd would never make --------
+
+SERVICE = "containerd.services.snapshots.v1.Snapshots"
+
+
+class SnapshotsClient:
+    """Calls a snapshots.v1 server on a unix socket by method name, with its wire types."""
+
+    def __init__(self, socket_path: Path, snapshotter: str = "snapdriver") -> None:
+        import grpc
+        from google.protobuf import message_factory
+
+        from snapdriver.containerd.proto import snapshots_pb2
+
+        self.snapshotter = snapshotter
+        self.pb = snapshots_pb2
+        self._channel = grpc.insecure_channel(f"unix://{socket_path}")
+        self._methods = snapshots_pb2.DESCRIPTOR.services_by_name["Snapshots"].methods_by_name
+        self._reply = message_factory.GetMessageClass
+        self._grpc = grpc
+
+    def call(self, method: str, timeout: float = 30.0, **fields: Any) -> Any:
+        """One unary call; ``List`` returns every ``Info`` of its stream."""
+        descriptor = self._methods[method]
+        request = self._reply(descriptor.input_type)(snapshotter=self.snapshotter, **fields)
+        reply = self._reply(descriptor.output_type)
+        path = f"/{SERVICE}/{method}"
+        if descriptor.server_streaming:
+            stream: Any = self._channel.unary_stream(
+                path,
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=reply.FromString,
+            )
+            return [info for part in stream(request, timeout=timeout) for info in part.info]
+        unary: Any = self._channel.unary_unary(
+            path,
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=reply.FromString,
+        )
+        return unary(request, timeout=timeout)
+
+    def error(self, method: str, **fields: Any) -> tuple[str, str]:
+        """(status code name, details) of a call that must fail; AssertionError if it succeeds."""
+        try:
+            reply = self.call(method, **fields)
+        except self._grpc.RpcError as err:
+            return err.code().name, err.details() or ""
+        raise AssertionError(f"{method}({fields}) succeeded: {reply}")
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> SnapshotsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
