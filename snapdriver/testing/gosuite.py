@@ -98,9 +98,10 @@ class Build:
 
 
 def source_key(source: Path) -> str:
-    """A hash of a Go package directory's own .go files and of the Go toolchain."""
+    """A hash of a Go package directory's own .go files, of the Go toolchain and of containerd's
+    suite sources (a Debian update of either builds anew)."""
     digest = hashlib.sha256(go_version().encode())
-    for path in sorted(source.glob("*.go")):
+    for path in [*sorted(source.glob("*.go")), *sorted(SUITE_PACKAGE.glob("*.go"))]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:20]
 
