@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,7 +33,7 @@ class Client:
         self.channel.close()
 
     def _call(self, method: str, request: message.Message, reply: type[Any]) -> Any:
-        call = self.channel.unary_unary(
+        call: grpc.UnaryUnaryMultiCallable[Any, Any] = self.channel.unary_unary(
             SERVICE + method,
             request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=reply.FromString,
@@ -69,7 +70,7 @@ class Client:
         return self._call("Update", request, pb.UpdateSnapshotResponse).info  # type: ignore[no-any-return]
 
     def list(self, *filters: str) -> list[pb.Info]:
-        call = self.channel.unary_stream(
+        call: grpc.UnaryStreamMultiCallable[Any, Any] = self.channel.unary_stream(
             SERVICE + "List",
             request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=pb.ListSnapshotsResponse.FromString,
@@ -89,7 +90,7 @@ def code_of(call: Callable[[], object]) -> grpc.StatusCode:
     try:
         call()
     except grpc.RpcError as err:
-        return err.code()  # type: ignore[no-any-return]
+        return err.code()
     pytest.fail("the call succeeded")
 
 
@@ -127,10 +128,18 @@ class Front:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the front exited early:\n{self.log_tail()}")
-            if self.socket.exists():
+            if self.listening():
                 return
             time.sleep(0.05)
         raise RuntimeError(f"the front did not start in {timeout}s:\n{self.log_tail()}")
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def listening(self) -> bool:
+        """A connection is accepted: a stale socket left by a killed front refuses it."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            return probe.connect_ex(str(self.socket)) == 0
 
     def wait(self, timeout: float = 30) -> int:
         assert self.proc is not None

@@ -37,9 +37,10 @@ def make_front(btrfs_mount: Path) -> Iterator[Callable[..., Front]]:
 
     yield make
     for front in made:
-        front.stop()
-        front.env = {}
-        front.start()
+        if front.env or not front.running():  # a crash hook, or stopped: start it plainly
+            front.stop()
+            front.env = {}
+            front.start()
         client = front.client()
         try:
             remove_everything(client)
