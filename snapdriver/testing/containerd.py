@@ -1,10 +1,13 @@
-"""A private containerd 1.6, snapdriver's containerd front as a process, and offline OCI images.
+"""Testing the containerd front: its server in a process, containerd's side of the wire, a private
+containerd 1.6, and offline OCI images.
 
-:class:`Containerd` gets its own root, state, gRPC and ttrpc sockets and opt directory, no CRI, and
-proxy snapshotters by name, so a system containerd on the same machine is left alone (as
-:mod:`snapdriver.testing.dockerd` does for dockerd). :class:`ContainerdFront` runs
-``python -m snapdriver.containerd`` on a unix socket. :func:`oci_image_tar` writes an OCI
-image-layout tar that ``ctr images import`` accepts, from layers made here (no registry needed).
+:class:`Client` speaks the snapshots.v1 API as containerd's proxy does; :class:`Front` runs
+``python -m snapdriver.containerd`` on a fresh root. :class:`Containerd` gets its own root, state,
+gRPC and ttrpc sockets and opt directory, no CRI, and proxy snapshotters by name, so a system
+containerd on the same machine is left alone (as :mod:`snapdriver.testing.dockerd` does for
+dockerd); :class:`ContainerdFront` is a front for it on a short socket path, or a control program
+with the same command line. :func:`oci_image_tar` writes an OCI image-layout tar that
+``ctr images import`` accepts, from layers made here (no registry needed).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -27,9 +31,162 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+import pytest
+from google.protobuf import empty_pb2, field_mask_pb2, message
+
+from snapdriver.containerd.proto import mount_pb2
+from snapdriver.containerd.proto import snapshots_pb2 as pb
 from snapdriver.testing.dockerd import busybox_rootfs_tar
 from snapdriver.testing.loopfs import _unmount_tree
 from snapdriver.testing.process import SOCKETS
+
+SERVICE = "/containerd.services.snapshots.v1.Snapshots/"
+
+
+class Client:
+    """containerd's side of the wire, by method path: what the proxy snapshotter sends."""
+
+    def __init__(self, socket: Path) -> None:
+        self.channel = grpc.insecure_channel(f"unix://{socket}")
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, method: str, request: message.Message, reply: type[Any]) -> Any:
+        call: grpc.UnaryUnaryMultiCallable[Any, Any] = self.channel.unary_unary(
+            SERVICE + method,
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=reply.FromString,
+        )
+        return call(request, timeout=60)
+
+    def prepare(
+        self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
+    ) -> list[mount_pb2.Mount]:
+        request = pb.PrepareSnapshotRequest(key=key, parent=parent, labels=labels or {})
+        return list(self._call("Prepare", request, pb.PrepareSnapshotResponse).mounts)
+
+    def view(self, key: str, parent: str = "") -> list[mount_pb2.Mount]:
+        request = pb.ViewSnapshotRequest(key=key, parent=parent)
+        return list(self._call("View", request, pb.ViewSnapshotResponse).mounts)
+
+    def mounts(self, key: str) -> list[mount_pb2.Mount]:
+        return list(self._call("Mounts", pb.MountsRequest(key=key), pb.MountsResponse).mounts)
+
+    def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
+        request = pb.CommitSnapshotRequest(name=name, key=key, labels=labels or {})
+        self._call("Commit", request, empty_pb2.Empty)
+
+    def remove(self, key: str) -> None:
+        self._call("Remove", pb.RemoveSnapshotRequest(key=key), empty_pb2.Empty)
+
+    def stat(self, key: str) -> pb.Info:
+        reply = self._call("Stat", pb.StatSnapshotRequest(key=key), pb.StatSnapshotResponse)
+        return reply.info  # type: ignore[no-any-return]
+
+    def update(self, info: pb.Info, *paths: str) -> pb.Info:
+        mask = field_mask_pb2.FieldMask(paths=list(paths))
+        request = pb.UpdateSnapshotRequest(info=info, update_mask=mask)
+        return self._call("Update", request, pb.UpdateSnapshotResponse).info  # type: ignore[no-any-return]
+
+    def list(self, *filters: str) -> list[pb.Info]:
+        call: grpc.UnaryStreamMultiCallable[Any, Any] = self.channel.unary_stream(
+            SERVICE + "List",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=pb.ListSnapshotsResponse.FromString,
+        )
+        replies = call(pb.ListSnapshotsRequest(filters=list(filters)), timeout=60)
+        return [info for reply in replies for info in reply.info]
+
+    def usage(self, key: str) -> pb.UsageResponse:
+        return self._call("Usage", pb.UsageRequest(key=key), pb.UsageResponse)  # type: ignore[no-any-return]
+
+    def cleanup(self) -> None:
+        self._call("Cleanup", pb.CleanupRequest(), empty_pb2.Empty)
+
+
+def code_of(call: Callable[[], object]) -> grpc.StatusCode:
+    """The status code ``call`` fails with (fails the test if it succeeds)."""
+    try:
+        call()
+    except grpc.RpcError as err:
+        return err.code()
+    pytest.fail("the call succeeded")
+
+
+class Front:
+    """``python -m snapdriver.containerd`` in its own process, restartable and killable."""
+
+    def __init__(self, root: Path, env: Mapping[str, str] | None = None) -> None:
+        self.root = root
+        self.socket = root.parent / f"{root.name}.sock"
+        self.log = root.parent / f"{root.name}.log"
+        self.env = dict(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+        SOCKETS.append(self.socket)
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "snapdriver.containerd",
+            "--backend",
+            "btrfs",
+            "--root",
+            str(self.root),
+            "--listen",
+            f"unix://{self.socket}",
+            "--log-level",
+            "debug",
+        ]
+
+    def start(self, timeout: float = 60) -> None:
+        with open(self.log, "ab") as log:
+            env = {**os.environ, **self.env}
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the front exited early:\n{self.log_tail()}")
+            if self.listening():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"the front did not start in {timeout}s:\n{self.log_tail()}")
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def listening(self) -> bool:
+        """A connection is accepted: a stale socket left by a killed front refuses it."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            return probe.connect_ex(str(self.socket)) == 0
+
+    def wait(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(30)
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def client(self) -> Client:
+        return Client(self.socket)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
 
 #: Unix socket paths hold at most this many bytes (sun_path less its NUL).
 MAX_SOCKET_PATH = 107
@@ -66,11 +223,11 @@ def _wait_for(
     raise RuntimeError(f"{what} was not ready in {timeout}s")
 
 
-class ContainerdFront:
-    """``python -m snapdriver.containerd --backend NAME --root DIR --listen unix://SOCKET``.
+class ContainerdFront(Front):
+    """A :class:`Front` on a given (short) socket path, for a :class:`Containerd` to dial.
 
-    The front serves once its socket exists. Its output goes to ``log_path``. ``program`` replaces
-    everything before ``--root`` (a control, such as containerd's own snapshotter served by Go).
+    ``backend`` may be empty (no ``--backend``); ``program`` replaces everything before it: a
+    control with the front's command line, such as containerd's own snapshotter served by Go.
     """
 
     def __init__(
@@ -78,64 +235,37 @@ class ContainerdFront:
         root: Path,
         socket_path: Path,
         backend: str = "btrfs",
-        extra_args: Sequence[str] = (),
         program: Sequence[str] | None = None,
     ) -> None:
         if len(str(socket_path)) > MAX_SOCKET_PATH:
             raise ValueError(f"socket path longer than {MAX_SOCKET_PATH} bytes: {socket_path}")
-        self.root = root
+        super().__init__(root)
+        SOCKETS.remove(self.socket)
         self.socket = socket_path
+        self.log = socket_path.with_suffix(".log")
         self.backend = backend
-        self.log_path = socket_path.with_suffix(".log")
-        self.extra_args = list(extra_args)
         self.program = list(program or [sys.executable, "-m", "snapdriver.containerd"])
-        self._proc: subprocess.Popen[bytes] | None = None
         SOCKETS.append(socket_path)
 
     def command(self) -> list[str]:
         backend = ["--backend", self.backend] if self.backend else []
-        return [
-            *self.program,
-            *backend,
-            "--root",
-            str(self.root),
-            "--listen",
-            f"unix://{self.socket}",
-            *self.extra_args,
-        ]
+        listen = ["--root", str(self.root), "--listen", f"unix://{self.socket}"]
+        return [*self.program, *backend, *listen]
 
-    def start(self, timeout: float = 120.0) -> None:
+    def start(self, timeout: float = 120) -> None:
         self.socket.parent.mkdir(parents=True, exist_ok=True)
-        self.root.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
-        self._proc = subprocess.Popen(
-            self.command(), stdout=log, stderr=log, start_new_session=True
-        )
-        log.close()
-        try:
-            _wait_for(self.socket.exists, self._proc, timeout, "the containerd front")
-        except RuntimeError as err:
-            self.stop()
-            raise RuntimeError(f"{err}:\n{self.log_tail()}") from None
+        super().start(timeout)
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (SIGKILL after ``timeout``); the exit code, None if it was not running."""
-        if self._proc is None:
-            return None
-        code = _stop_process(self._proc, timeout)
-        self._proc = None
-        return code
-
-    def kill(self) -> None:
-        """SIGKILL: no clean-up at all, as in a crash."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
-        self._proc = None
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        """``sig``, and SIGKILL should the front not exit within 30 s."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return super().stop(sig)
 
     def restart(self) -> None:
         self.stop()
@@ -145,13 +275,7 @@ class ContainerdFront:
         """Stop, and remove the socket and the log."""
         self.stop()
         self.socket.unlink(missing_ok=True)
-        self.log_path.unlink(missing_ok=True)
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
+        self.log.unlink(missing_ok=True)
 
 
 class Containerd:
@@ -439,62 +563,3 @@ def busybox_image_layers(marker: bytes = b"snapdriver") -> list[Layer]:
         Layer(layer_tar({}, deleted=[DOOMED]), gzipped=False, comment=f"rm /{DOOMED}"),
         Layer(layer_tar({ADDED: marker + b"\n"}), gzipped=True, comment=f"add /{ADDED}"),
     ]
-
-
-# --- a plain gRPC client of the snapshots.v1 API, for calls containerd would never make --------
-
-SERVICE = "containerd.services.snapshots.v1.Snapshots"
-
-
-class SnapshotsClient:
-    """Calls a snapshots.v1 server on a unix socket by method name, with its wire types."""
-
-    def __init__(self, socket_path: Path, snapshotter: str = "snapdriver") -> None:
-        import grpc
-        from google.protobuf import message_factory
-
-        from snapdriver.containerd.proto import snapshots_pb2
-
-        self.snapshotter = snapshotter
-        self.pb = snapshots_pb2
-        self._channel = grpc.insecure_channel(f"unix://{socket_path}")
-        self._methods = snapshots_pb2.DESCRIPTOR.services_by_name["Snapshots"].methods_by_name
-        self._reply = message_factory.GetMessageClass
-        self._grpc = grpc
-
-    def call(self, method: str, timeout: float = 30.0, **fields: Any) -> Any:
-        """One unary call; ``List`` returns every ``Info`` of its stream."""
-        descriptor = self._methods[method]
-        request = self._reply(descriptor.input_type)(snapshotter=self.snapshotter, **fields)
-        reply = self._reply(descriptor.output_type)
-        path = f"/{SERVICE}/{method}"
-        if descriptor.server_streaming:
-            stream: Any = self._channel.unary_stream(
-                path,
-                request_serializer=lambda m: m.SerializeToString(),
-                response_deserializer=reply.FromString,
-            )
-            return [info for part in stream(request, timeout=timeout) for info in part.info]
-        unary: Any = self._channel.unary_unary(
-            path,
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=reply.FromString,
-        )
-        return unary(request, timeout=timeout)
-
-    def error(self, method: str, **fields: Any) -> tuple[str, str]:
-        """(status code name, details) of a call that must fail; AssertionError if it succeeds."""
-        try:
-            reply = self.call(method, **fields)
-        except self._grpc.RpcError as err:
-            return err.code().name, err.details() or ""
-        raise AssertionError(f"{method}({fields}) succeeded: {reply}")
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> SnapshotsClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
