@@ -415,7 +415,15 @@ class Servicer:
 
 
 def _future(work: Awaitable[T]) -> asyncio.Future[T]:
-    return asyncio.ensure_future(work)
+    future = asyncio.ensure_future(work)
+    # A call whose client went away still ends; its error was answered to no one, not lost.
+    future.add_done_callback(_consume_error)
+    return future
+
+
+def _consume_error(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("a call finished after its client left: %s", future.exception())
 
 
 def _batches(items: list[Snapshot], size: int) -> Iterator[list[Snapshot]]:
