@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import resource
 import signal
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -37,9 +39,29 @@ async def run(front: Front, what: str) -> int:
         loop.add_signal_handler(sig, stop.set)
     async with front.serving() as where:
         log.info("serving %s on %s", what, where)
+        notify_systemd("READY=1")
         await stop.wait()
+        notify_systemd("STOPPING=1")
     log.info("stopped")
     return 0
+
+
+def notify_systemd(state: str) -> None:
+    """Tell systemd (``Type=notify`` units) how the daemon is doing; a no-op outside systemd.
+
+    READY=1 is sent once the front listens, so units ordered after ours (``containerd.service``)
+    start when calls can be answered, not merely when the process exists.
+    """
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as err:
+        log.warning("cannot notify systemd (%s): %s", state, err)
 
 
 def raise_open_file_limit() -> None:
