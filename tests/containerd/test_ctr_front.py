@@ -346,16 +346,22 @@ def test_bad_configuration_is_one_line_and_status_2(tmp_path: Path, front: Front
         ("--backend", "nope", "--root", str(tmp_path / "r"), "--listen", sock),
         ("--backend", "btrfs", "--root", str(tmp_path / "r"), "--listen", "tcp://1.2.3.4:5"),
         ("--backend", "btrfs", "--root", str(tmp_path / "r"), "--listen", sock),  # not btrfs
-        # A live socket is refused, not taken over:
+        # A live front's socket, or its root, is refused before its storage is touched:
         ("--backend", "btrfs", "--root", str(front.root), "--listen", f"unix://{front.socket}"),
+        ("--backend", "btrfs", "--root", str(front.root), "--listen", sock),
     ]
-    with ThreadPoolExecutor(len(cases)) as pool:
-        results = list(pool.map(lambda args: run_main(*args), cases))
-    for args, done in zip(cases, results, strict=True):
-        assert done.returncode == 2, (args, done.stderr)
-        assert len(done.stderr.strip().splitlines()) == 1, (args, done.stderr)
-        assert "error" in done.stderr
-    assert front.listening()
+    with closing(front.client()) as client:
+        client.prepare("kept")
+        with ThreadPoolExecutor(len(cases)) as pool:
+            results = list(pool.map(lambda args: run_main(*args), cases))
+        for args, done in zip(cases, results, strict=True):
+            assert done.returncode == 2, (args, done.stderr)
+            assert len(done.stderr.strip().splitlines()) == 1, (args, done.stderr)
+            assert "error" in done.stderr
+        assert "in use" in results[-2].stderr
+        assert "another snapdriver" in results[-1].stderr
+        assert front.listening()
+        bind_source(client.mounts("kept"), "rw")
 
 
 def test_calls_the_client_abandons_still_finish_whole(client: Client, front: Front) -> None:
