@@ -59,16 +59,19 @@ def _bind(server: grpc.aio.Server, path: Path) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serving(core: Core, path: Path) -> AsyncIterator[str]:
+async def serving(core: Core, path: Path, store: KeyStore | None = None) -> AsyncIterator[str]:
     """Serve the Snapshots API for the open ``core`` on ``path`` until the block exits.
 
-    The key store lives in the core's home; start-up reconciles it with the core's record before
-    the socket appears, so a ready socket means a consistent, serving front.
+    The key store lives in the core's home (opened and closed here unless ``store`` is given);
+    start-up reconciles it with the core's record before the socket appears, so a ready socket
+    means a consistent, serving front.
     """
     if core.home is None:
         raise NotInitialisedError("the core must be open before the containerd front serves")
-    store = KeyStore(core.home)
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        if store is None:
+            store = KeyStore(core.home)
+            stack.callback(store.close)
         service = SnapshotService(core, store)
         await service.reconcile()
         server = grpc.aio.server()
@@ -81,8 +84,6 @@ async def serving(core: Core, path: Path) -> AsyncIterator[str]:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()  # gone first: a client dialling now fails at once
             await server.stop(STOP_GRACE)
-    finally:
-        store.close()
 
 
 @dataclass
@@ -96,10 +97,19 @@ class ContainerdFront:
 
     @contextlib.asynccontextmanager
     async def serving(self) -> AsyncIterator[str]:
+        """Open the root and serve; on exit stop serving, then close the key store and core.
+
+        A front already serving this socket or this root is refused before storage is touched:
+        opening the core would otherwise set the backend up and recover under the live one.
+        """
+        prepare_unix_socket(self.path)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        store = KeyStore(self.root)  # holds an exclusive lock on the root from here
         core = Core(self.backend, self.args)
-        await core.open(BackendConfig(self.root, {}, self.args))
         try:
-            async with serving(core, self.path) as where:
+            await core.open(BackendConfig(self.root, {}, self.args))
+            async with serving(core, self.path, store) as where:
                 yield f"{where} (root {self.root})"
         finally:
             core.close()
+            store.close()

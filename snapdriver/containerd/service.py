@@ -57,6 +57,7 @@ from snapdriver.containerd.store import KeyStore, Kind, Snapshot
 from snapdriver.core import Core, Usage
 from snapdriver.errors import (
     ArchiveError,
+    BackendError,
     ConfigError,
     LayerBusyError,
     LayerExistsError,
@@ -65,6 +66,7 @@ from snapdriver.errors import (
     NotInitialisedError,
     QuotaNotSupportedError,
     RequestError,
+    SnapdriverError,
 )
 
 log = logging.getLogger(__name__)
@@ -191,17 +193,22 @@ class SnapshotService:
 
     async def _remove_orphans(self, referenced: set[str]) -> None:
         """Layers no key names (a crash between create and the key insert), leaves first."""
+        kept = set(referenced)  # what stays: named, or failed to go (said in the log)
         while True:
             orphans = [
                 r.id
                 for r in self.core.records()
-                if r.id not in referenced and not self.core.children(r.id)
+                if r.id not in kept and not self.core.children(r.id)
             ]
             if not orphans:
                 return
             for layer in orphans:
                 log.warning("removing layer %s: no snapshot names it (a crash?)", layer)
-                await self.core.remove(layer)
+                try:
+                    await self.core.remove(layer)
+                except SnapdriverError as err:
+                    log.error("layer %s stays: %s", layer, err)
+                    kept.add(layer)
 
     # -- the operations ------------------------------------------------------------------------
 
@@ -243,9 +250,11 @@ class SnapshotService:
 
     def mounts(self, key: str) -> list[mount_pb2.Mount]:
         snapshot = self.store.require(key)
+        if snapshot.kind is Kind.COMMITTED:
+            raise LayerBusyError(f"snapshot {key!r} is committed: only active or view mount")
         path = self._paths.get(snapshot.layer)
-        if snapshot.kind is Kind.COMMITTED or path is None:
-            raise LayerBusyError(f"snapshot {key!r} is {snapshot.kind}: only active or view mount")
+        if path is None:  # its layer could not be mounted at start-up (the log says why)
+            raise BackendError(f"snapshot {key!r} has no mounted directory")
         return bind_mounts(snapshot.kind, path)
 
     async def commit(self, name: str, key: str, labels: Mapping[str, str]) -> None:
@@ -415,7 +424,15 @@ class Servicer:
 
 
 def _future(work: Awaitable[T]) -> asyncio.Future[T]:
-    return asyncio.ensure_future(work)
+    future = asyncio.ensure_future(work)
+    # A call whose client went away still ends; its error was answered to no one, not lost.
+    future.add_done_callback(_consume_error)
+    return future
+
+
+def _consume_error(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("a call finished after its client left: %s", future.exception())
 
 
 def _batches(items: list[Snapshot], size: int) -> Iterator[list[Snapshot]]:

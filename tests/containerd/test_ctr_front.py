@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -344,12 +346,44 @@ def test_bad_configuration_is_one_line_and_status_2(tmp_path: Path, front: Front
         ("--backend", "nope", "--root", str(tmp_path / "r"), "--listen", sock),
         ("--backend", "btrfs", "--root", str(tmp_path / "r"), "--listen", "tcp://1.2.3.4:5"),
         ("--backend", "btrfs", "--root", str(tmp_path / "r"), "--listen", sock),  # not btrfs
-        # A live socket is refused, not taken over:
+        # A live front's socket, or its root, is refused before its storage is touched:
         ("--backend", "btrfs", "--root", str(front.root), "--listen", f"unix://{front.socket}"),
+        ("--backend", "btrfs", "--root", str(front.root), "--listen", sock),
     ]
-    for args in cases:
-        done = run_main(*args)
-        assert done.returncode == 2, (args, done.stderr)
-        assert len(done.stderr.strip().splitlines()) == 1, (args, done.stderr)
-        assert "error" in done.stderr
-    assert front.listening()
+    with closing(front.client()) as client:
+        client.prepare("kept")
+        with ThreadPoolExecutor(len(cases)) as pool:
+            results = list(pool.map(lambda args: run_main(*args), cases))
+        for args, done in zip(cases, results, strict=True):
+            assert done.returncode == 2, (args, done.stderr)
+            assert len(done.stderr.strip().splitlines()) == 1, (args, done.stderr)
+            assert "error" in done.stderr
+        assert "in use" in results[-2].stderr
+        assert "another snapdriver" in results[-1].stderr
+        assert front.listening()
+        bind_source(client.mounts("kept"), "rw")
+
+
+def test_calls_the_client_abandons_still_finish_whole(client: Client, front: Front) -> None:
+    """A deadline passing mid-call (containerd cancelling) never leaves half a snapshot."""
+    client.prepare("p")
+    client.commit("base", "p")
+    for n in range(6):
+        request = pb.PrepareSnapshotRequest(key=f"k{n}", parent="base")
+        call: grpc.UnaryUnaryMultiCallable[pb.PrepareSnapshotRequest, bytes] = (
+            client.channel.unary_unary(
+                "/containerd.services.snapshots.v1.Snapshots/Prepare",
+                request_serializer=lambda m: m.SerializeToString(),
+            )
+        )
+        with contextlib.suppress(grpc.RpcError):
+            call(request, timeout=0.002 * n)
+    deadline = time.monotonic() + 30
+    while True:  # the abandoned calls finish on their own
+        keys = {i.name for i in client.list()}
+        if len(subvolumes(front)) == len(keys) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(subvolumes(front)) == len(keys)
+    for key in keys - {"base"}:
+        bind_source(client.mounts(key), "rw")
