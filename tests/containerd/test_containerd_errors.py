@@ -87,6 +87,7 @@ def env(btrfs_mount: Path, containerd_available: None) -> Iterator[Env]:
         assert env.settled(before) == before, "bad input changed what the front holds"
         for key in ("work", "look", "base-c"):
             env.ctr("rm", key)
+        assert env.settled([]) == [], "containerd's GC left snapshots in the front"
     finally:
         client.close()
         containerd.close()
