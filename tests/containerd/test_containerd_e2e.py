@@ -141,6 +141,15 @@ def env(
         image_tar.unlink(missing_ok=True)
 
 
+def test_containerd_has_the_proxy_and_its_own_btrfs_snapshotter(env: Env) -> None:
+    """Its root is on btrfs, so containerd's in-tree btrfs snapshotter loads beside the proxy
+    (the benchmarks compare the two)."""
+    plugins = [line.split() for line in env.ctr("plugins", "ls").splitlines()]
+    status = {row[1]: row[-1] for row in plugins if row[0] == "io.containerd.snapshotter.v1"}
+    assert status.get("btrfs") == "ok", status
+    assert status.get(SNAPSHOTTER) == "ok", status
+
+
 def test_import_unpacks_every_layer_into_the_front(env: Env) -> None:
     out = env.ctr("images", "import", "--snapshotter", SNAPSHOTTER, str(env.image_tar))
     assert "unpacking" in out and "done" in out
