@@ -324,6 +324,9 @@ class Containerd:
             f"  path = {json.dumps(str(self.opt))}",
             '[plugins."io.containerd.gc.v1.scheduler"]',
             f"  deletion_threshold = {self.gc_deletion_threshold}",
+            # containerd spaces collections so GC takes at most this share of the time (default
+            # 2%): on a loaded host one slow pass would hold the next back for over a minute.
+            "  pause_threshold = 0.5",
         ]
         for name, socket_path in self.proxies.items():
             lines += [

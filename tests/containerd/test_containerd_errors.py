@@ -55,7 +55,7 @@ class Env:
 
     def settled(self, expected: list[tuple[str, str, int, dict[str, str]]]) -> list[Any]:
         """The state once containerd's garbage collector has caught up (it removes later)."""
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while (state := self.state()) != expected and time.monotonic() < deadline:
             time.sleep(0.2)
         return state
