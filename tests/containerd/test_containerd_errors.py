@@ -46,6 +46,24 @@ class Env:
     def ctr(self, *args: str) -> str:
         return self.containerd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, *args).stdout
 
+    def keep_view(self, key: str, parent: str) -> None:
+        """``ctr snapshots view``, then marked a GC root: ctr's prepare marks its snapshot so, its
+        view does not, and a collection between the two calls takes the view (seen under load)."""
+        for _ in range(5):
+            self.ctr("view", key, parent)
+            done = self.containerd.ctr(
+                "snapshots",
+                "--snapshotter",
+                SNAPSHOTTER,
+                "label",
+                key,
+                "containerd.io/gc.root=keep",
+                check=False,
+            )
+            if done.returncode == 0:
+                return
+        raise AssertionError(f"the view {key} was collected five times before it was labelled")
+
     def listed(self) -> set[str]:
         return {line.split()[0] for line in self.ctr("ls").splitlines()[1:] if line.strip()}
 
@@ -79,9 +97,7 @@ def env(btrfs_mount: Path, containerd_available: None) -> Iterator[Env]:
         env.ctr("prepare", "base")
         env.ctr("commit", "base-c", "base")
         env.ctr("prepare", "work", "base-c")
-        env.ctr("view", "look", "base-c")
-        # ctr's prepare marks its snapshot a GC root; its view does not, and the GC would take it.
-        env.ctr("label", "look", "containerd.io/gc.root=keep")
+        env.keep_view("look", "base-c")
         before = env.state()
         yield env
         assert env.settled(before) == before, "bad input changed what the front holds"
