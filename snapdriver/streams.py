@@ -49,6 +49,20 @@ class ThreadReader(io.RawIOBase):
         self._pending = self._pending[size:]
         return size
 
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes, as received: what is gathered comes back without a copy."""
+        if size < 0:
+            return self.readall()
+        if not self._pending:
+            future = asyncio.run_coroutine_threadsafe(self._gather(min(size, _GATHER)), self._loop)
+            data = future.result()
+            if len(data) <= size:
+                return data
+            self._pending = memoryview(data)
+        chunk = self._pending[:size]
+        self._pending = self._pending[size:]
+        return chunk.tobytes()
+
     async def _gather(self, want: int) -> bytes:
         parts: list[bytes] = []
         size = 0
