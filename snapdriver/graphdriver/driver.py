@@ -10,6 +10,7 @@ next Init dockerd sends. The orphan sweep reads dockerd's own layer store (:mod:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -180,12 +181,17 @@ class GraphDriver:
         """
         core = self._core
         removed = [] if dry_run else await core.recover()
-        known = referenced_layers(core.home) if core.home else None
+        # Thousands of small files: off the event loop, so Get and Put go on meanwhile.
+        known = await asyncio.to_thread(referenced_layers, core.home) if core.home else None
         if known is None:
             return removed
         skipped: set[str] = set()
-        while orphans := self._orphans(known, min_age, set(removed) | skipped):
+        candidates = [r.id for r in core.records()]
+        while orphans := self._orphans(candidates, known, min_age, set(removed) | skipped):
+            candidates = []
             for layer in orphans:
+                record = core.record(layer)
+                parent = record.parent if record else None
                 try:
                     if not dry_run:
                         await core.remove(layer)
@@ -193,16 +199,25 @@ class GraphDriver:
                 except SnapdriverError as err:
                     log.warning("orphan %s not removed: %s", layer, err)
                     skipped.add(layer)
+                    continue
+                if parent:
+                    candidates.append(parent)
             if dry_run:
                 break  # children of what would go cannot be judged without removing it
         return removed
 
-    def _orphans(self, known: set[str], min_age: float, exclude: set[str]) -> list[str]:
+    def _orphans(
+        self, candidates: list[str], known: set[str], min_age: float, exclude: set[str]
+    ) -> list[str]:
+        """Which of ``candidates`` are orphans now. Only a removal makes a new orphan (its
+        parent), so after the first pass only the parents of what went are looked at again."""
         now = time.time()
+        records = (self.core.record(layer) for layer in dict.fromkeys(candidates))
         return [
             r.id
-            for r in self.core.records()
-            if r.status == Status.READY
+            for r in records
+            if r is not None
+            and r.status == Status.READY
             and r.refs == 0
             and r.id not in known
             and r.id not in exclude
