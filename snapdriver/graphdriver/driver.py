@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -31,7 +31,7 @@ from snapdriver.errors import (
 from snapdriver.graphdriver.dockerdb import DOCKERD_ID, referenced_layers
 from snapdriver.hookspec import BackendConfig
 from snapdriver.layers.changes import Change
-from snapdriver.layers.state import Status
+from snapdriver.layers.state import LayerRecord, Status
 from snapdriver.layers.units import parse_size
 from snapdriver.plugins import Backend
 
@@ -186,40 +186,43 @@ class GraphDriver:
         if known is None:
             return removed
         skipped: set[str] = set()
-        candidates = [r.id for r in core.records()]
+        candidates: Iterable[LayerRecord | None] = core.records()
         while orphans := self._orphans(candidates, known, min_age, set(removed) | skipped):
-            candidates = []
-            for layer in orphans:
-                record = core.record(layer)
-                parent = record.parent if record else None
+            parents: dict[str, None] = {}
+            for record in orphans:
                 try:
                     if not dry_run:
-                        await core.remove(layer)
-                    removed.append(layer)
+                        await core.remove(record.id)
+                    removed.append(record.id)
                 except SnapdriverError as err:
-                    log.warning("orphan %s not removed: %s", layer, err)
-                    skipped.add(layer)
+                    log.warning("orphan %s not removed: %s", record.id, err)
+                    skipped.add(record.id)
                     continue
-                if parent:
-                    candidates.append(parent)
+                if record.parent:
+                    parents[record.parent] = None
+            candidates = [core.record(parent) for parent in parents]
             if dry_run:
                 break  # children of what would go cannot be judged without removing it
         return removed
 
     def _orphans(
-        self, candidates: list[str], known: set[str], min_age: float, exclude: set[str]
-    ) -> list[str]:
+        self,
+        candidates: Iterable[LayerRecord | None],
+        known: set[str],
+        min_age: float,
+        exclude: set[str],
+    ) -> list[LayerRecord]:
         """Which of ``candidates`` are orphans now. Only a removal makes a new orphan (its
-        parent), so after the first pass only the parents of what went are looked at again."""
+        parent), so after the first pass only the parents of what went are looked at again.
+        Runs on the event loop: the test that drops most records comes first."""
         now = time.time()
-        records = (self.core.record(layer) for layer in dict.fromkeys(candidates))
         return [
-            r.id
-            for r in records
+            r
+            for r in candidates
             if r is not None
+            and r.id not in known
             and r.status == Status.READY
             and r.refs == 0
-            and r.id not in known
             and r.id not in exclude
             and DOCKERD_ID.fullmatch(r.id)
             and now - r.created >= min_age
