@@ -590,7 +590,8 @@ def render(result: dict[str, Any]) -> str:
         f"({fill['last_tenth_p50_ms'] / fill['first_tenth_p50_ms']:.2f}x).",
         "",
         f"Medians of {cfg['runs']} runs, the two plugins alternating; the ratio is the "
-        f"{cfg['layers']}-layer store over the {cfg['small']}-layer one (1.00x: no cost of scale).",
+        f"{int(cfg['layers']):,}-layer store over the {cfg['small']}-layer one "
+        "(1.00x: no cost of scale).",
         "",
         f"| measurement | {cfg['small']} layers | {int(cfg['layers']):,} layers | ratio |",
         "|---|---|---|---|",
