@@ -40,6 +40,7 @@ import io
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -53,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from snapbench.env import vm_hwm_kib
-from snapbench.plugin_calls import _generated_tar
+from snapbench.plugin_calls import generated_tar
 from snapbench.rpc import call_raw, get_put_load, http_request
 
 from snapdriver.graphdriver.client import PluginClient, unix_path
@@ -93,6 +94,8 @@ class Plan:
     waves: list[list[list[Layer]]] = field(default_factory=list)
     images: list[Layer] = field(default_factory=list)
     containers: list[tuple[Layer, Layer]] = field(default_factory=list)
+    #: How deep each image's top layer is (its chain's own layers and those it starts on).
+    depths: list[int] = field(default_factory=list)
 
     @property
     def count(self) -> int:
@@ -127,15 +130,16 @@ def plan_layers(total: int, rng: random.Random) -> Plan:
         base_wave = index < 16  # the first chains are the bases later ones may build on
         parent, start = "", 0
         if not base_wave and plan.images and rng.random() < 0.5:
-            on = rng.choice(plan.waves[0])
-            parent_layer = rng.choice(on)
+            on = rng.choice(plan.waves[0])  # base chains start at depth 0: on[i] is at i + 1
+            parent_layer = rng.choice(on[: MAX_DEPTH - 1])
             parent, start = parent_layer.id, depth_of[parent_layer.id]
-        depth = min(budget, chain_depth(rng, index), MAX_DEPTH - start) or 1
+        depth = min(budget, chain_depth(rng, index), MAX_DEPTH - start)
         chain = image_chain(rng, parent, depth)
         for offset, layer in enumerate(chain, 1):
             depth_of[layer.id] = start + offset
         plan.waves[0 if base_wave else 1].append(chain)
         plan.images += chain
+        plan.depths.append(start + depth)
         budget -= depth
         index += 1
     tips = [chain[-1] for wave in plan.waves[:2] for chain in wave]
@@ -184,8 +188,13 @@ def make_chains(address: str, chains: list[list[Layer]]) -> list[float]:
                     times.append(time.perf_counter() - started)
 
     with ThreadPoolExecutor(FILL_WORKERS) as pool:
-        for future in [pool.submit(one, chain) for chain in chains]:
-            future.result()
+        futures = [pool.submit(one, chain) for chain in chains]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # Ctrl-C or a failure: not the whole wave first
+            raise
     return times
 
 
@@ -363,7 +372,7 @@ def stream_peak(w: World, streams: int, mib: int) -> dict[str, float]:
 
     def one(layer: str) -> int:
         with PluginClient(address) as client:
-            return client.apply_diff(layer, "", _generated_tar(mib))
+            return client.apply_diff(layer, "", generated_tar(mib))
 
     try:
         started = time.perf_counter()
@@ -499,6 +508,8 @@ def medians(samples: Samples) -> dict[str, dict[str, dict[str, float]]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    # SIGTERM unwinds like Ctrl-C, so the plugins stop and the loop image is released.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     reason = can_make_loop_filesystems()
     if reason is not None:
         raise SystemExit(f"cannot make a btrfs loop image: {reason}")
@@ -534,6 +545,10 @@ def fill_summary(w: World) -> dict[str, Any]:
         "layers": w.plan.count,
         "image_layers": len(times),
         "containers": len(w.plan.containers),
+        "images": len(w.plan.depths),
+        "depth_min": min(w.plan.depths),
+        "depth_median": statistics.median(w.plan.depths),
+        "depth_max": max(w.plan.depths),
         "wall_s": w.fill_wall_s,
         "first_tenth_p50_ms": statistics.median(first) * 1000,
         "last_tenth_p50_ms": statistics.median(last) * 1000,
@@ -581,9 +596,10 @@ def render(result: dict[str, Any]) -> str:
         "|---|---|",
         *(f"| {key} | {value} |" for key, value in result["machine"].items()),
         "",
-        f"The big store: {fill['layers']:,} layers ({fill['image_layers']:,} image layers in "
-        f"chains of depth 1-{MAX_DEPTH}, {fill['containers']:,} containers of an `-init` layer "
-        f"and their own), made through the socket in {fill['wall_s']:.0f} s by "
+        f"The big store: {fill['layers']:,} layers: {fill['image_layers']:,} image layers, "
+        f"{fill['images']:,} images of depth {fill['depth_min']}-{fill['depth_max']} (median "
+        f"{fill['depth_median']:.0f}), and {fill['containers']:,} containers of an `-init` layer "
+        f"and their own, made through the socket in {fill['wall_s']:.0f} s by "
         f"{FILL_WORKERS} clients. An image layer (Create + ApplyDiff) took "
         f"{fill['first_tenth_p50_ms']:.1f} ms (p50) in the first tenth made and "
         f"{fill['last_tenth_p50_ms']:.1f} ms in the last "
