@@ -1,7 +1,9 @@
 """``snapdriver``: run a snapdriver daemon for one backend.
 
 ``snapdriver --backend NAME`` serves Docker's GraphDriver plugin protocol; ``snapdriver sweep``
-asks a running plugin to reclaim orphan layers.
+asks a running plugin to reclaim orphan layers; ``snapdriver config ...`` prints the settings the
+same command line would run with, and where each came from; ``snapdriver doctor`` checks the host.
+Every flag may also come from the environment or the config file (:mod:`snapdriver.config`).
 
 Start-up problems end the process with one line on stderr and exit status 2 (bad usage or
 configuration) so a person or systemd sees what to fix; a running daemon never dies of a request.
@@ -18,9 +20,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from snapdriver import __version__
+from snapdriver import __version__, config
 from snapdriver.daemon import raise_open_file_limit, run
-from snapdriver.errors import SnapdriverError
+from snapdriver.errors import BackendLoadError, ConfigError, SnapdriverError
 from snapdriver.graphdriver.client import PluginClient
 from snapdriver.graphdriver.driver import DEFAULT_ORPHAN_AGE, GraphDriver
 from snapdriver.graphdriver.front import GraphDriverFront
@@ -82,7 +84,35 @@ def base_parser() -> argparse.ArgumentParser:
         default="info",
         choices=["debug", "info", "warning", "error"],
     )
+    config.add_config_flag(parser)
     return parser
+
+
+def containerd_parser() -> argparse.ArgumentParser:
+    """The containerd front's settings (``[containerd]`` in the config file)."""
+    parser = argparse.ArgumentParser(prog="snapdriver containerd")
+    parser.add_argument("--backend", help="storage backend to use")
+    parser.add_argument("--root", type=Path, help="directory the snapshots are kept under")
+    parser.add_argument("--dataset", metavar="POOL/DATASET", help="ZFS dataset of the snapshots")
+    parser.add_argument("--listen", help="unix:///path.sock containerd's proxy_plugins names")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    config.add_config_flag(parser)
+    return parser
+
+
+config.FRONTS.update(graphdriver=base_parser, containerd=containerd_parser)
+
+
+def backend_actions(name: str) -> list[argparse.Action]:
+    """The flags backend ``name`` adds (loading it), for checking its ``[backends.NAME]`` table."""
+    parser = argparse.ArgumentParser(add_help=False)
+    try:
+        Backend.load(name).add_options(parser)
+    except BackendLoadError as err:
+        raise ConfigError(str(err)) from None
+    return list(parser._actions)
 
 
 def _fail(message: str) -> int:
@@ -156,8 +186,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["sweep"]:
         return sweep_main(argv[1:])
+    if argv[:1] == ["doctor"]:
+        from snapdriver.doctor import main as doctor_main
+
+        return doctor_main(argv[1:])
+    show, argv = (True, argv[1:]) if argv[:1] == ["config"] else (False, argv)
     parser = base_parser()
-    early, _ = parser.parse_known_args(argv)
+    try:
+        file = config.read_file(config.path_from_argv(argv))
+        config.check_file(file, backend_actions)
+        early = config.resolve(parser, argv, file, "graphdriver", known_only=True).args
+    except ConfigError as err:
+        return _fail(str(err))
+    if show and not early.backend:
+        print(config.render(config.resolve(parser, argv, file, "graphdriver")), end="")
+        return 0
     if early.list_backends:
         return _list_backends()
     if not early.backend:
@@ -172,8 +215,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     try:
         backend = Backend.load(early.backend)
-        backend.add_options(parser)
-        args = parser.parse_args(argv)
+        added = config.dests_added(parser, backend.add_options)
+        resolved = config.resolve(
+            parser, argv, file, "graphdriver", backend=backend.name, backend_dests=added
+        )
+        if show:
+            print(config.render(resolved), end="")
+            return 0
+        args = resolved.args
         logging.basicConfig(
             level=args.log_level.upper(),
             format=f"snapdriver[{args.name}] %(levelname)s %(name)s: %(message)s",
