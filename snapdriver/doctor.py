@@ -26,7 +26,7 @@ from typing import Any, Literal
 from snapdriver import config
 from snapdriver.errors import ConfigError, SnapdriverError
 from snapdriver.graphdriver.client import PluginClient, unix_path
-from snapdriver.graphdriver.driver import INIT_NAME, InitRecord
+from snapdriver.graphdriver.driver import DEFAULT_ORPHAN_AGE, INIT_NAME, InitRecord
 from snapdriver.graphdriver.serve import PLUGIN_DIR
 from snapdriver.hostfs import mount_of, nearest_existing
 
@@ -71,6 +71,8 @@ class Host:
     proc: Path = Path("/proc")
     dev: Path = Path("/dev")
     sys_module: Path = Path("/sys/module")
+    orphan_age: float = DEFAULT_ORPHAN_AGE
+    dockerd_pid: int | None = None
     timeout: float = 10.0
     _dockerd: list[Dockerd] | None = None
 
@@ -95,7 +97,8 @@ class Host:
 
     def dockerds(self) -> list[Dockerd]:
         if self._dockerd is None:
-            self._dockerd = list(find_dockerd(self.proc))
+            found = find_dockerd(self.proc)
+            self._dockerd = [d for d in found if self.dockerd_pid in (None, d.pid)]
         return self._dockerd
 
     def dockerd_settings(self) -> DockerdSettings:
@@ -464,7 +467,7 @@ def check_orphans(host: Host) -> Result:
     name = "orphan layers"
     try:
         with PluginClient(host.address, timeout=host.timeout) as client:
-            reply = client.call("Snapdriver.Sweep", {"DryRun": True})
+            reply = client.call("Snapdriver.Sweep", {"DryRun": True, "MinAge": host.orphan_age})
     except (OSError, ValueError, SnapdriverError) as err:
         return Result(name, "SKIP", f"not checked, the plugin does not answer ({err})")
     orphans = reply.get("Removed") or []
@@ -553,6 +556,13 @@ def parser() -> argparse.ArgumentParser:
     found.add_argument("--state-dir", type=Path, help="default: /var/lib/snapdriver/NAME")
     found.add_argument("--storage-opt", action="append", default=[], help="KEY=VALUE, repeatable")
     found.add_argument("--min-free", type=float, default=DEFAULT_MIN_FREE, help="percent")
+    found.add_argument(
+        "--orphan-age",
+        type=float,
+        default=DEFAULT_ORPHAN_AGE,
+        help="count unreferenced layers older than this many seconds (default: %(default)s)",
+    )
+    found.add_argument("--dockerd-pid", type=int, help="the dockerd to check (default: any)")
     found.add_argument("--containerd-config", type=Path, default=CONTAINERD_CONFIG)
     found.add_argument("--daemon-json", type=Path, default=DAEMON_JSON)
     config.add_config_flag(found)
@@ -576,6 +586,8 @@ def host_from_argv(argv: Sequence[str]) -> Host:
         state_dir=args.state_dir,
         storage_opts=list(args.storage_opt),
         min_free=args.min_free,
+        orphan_age=args.orphan_age,
+        dockerd_pid=args.dockerd_pid,
         containerd_config=args.containerd_config,
         daemon_json=args.daemon_json,
     )
