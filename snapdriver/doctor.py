@@ -167,7 +167,8 @@ class DockerdSettings:
         driver = _last(flag_values(argv, "--storage-driver", "-s"), data.get("storage-driver"))
         root = _last(flag_values(argv, "--data-root", "-g", "--graph"), data.get("data-root"))
         opts = flag_values(argv, "--storage-opt") or list(data.get("storage-opts") or [])
-        source = f"dockerd pid {dockerd.pid} and {path}" if dockerd else str(path)
+        named = f"{path}{'' if path.exists() else ' (absent)'}"
+        source = f"dockerd pid {dockerd.pid} and {named}" if dockerd else named
         experimental = "--experimental" in argv or "--experimental=true" in argv
         return cls(
             source,
