@@ -22,7 +22,7 @@ from pathlib import Path
 
 from snapdriver import __version__, config
 from snapdriver.daemon import raise_open_file_limit, run
-from snapdriver.errors import BackendLoadError, ConfigError, SnapdriverError
+from snapdriver.errors import ConfigError, SnapdriverError
 from snapdriver.graphdriver.client import PluginClient
 from snapdriver.graphdriver.driver import DEFAULT_ORPHAN_AGE, GraphDriver
 from snapdriver.graphdriver.front import GraphDriverFront
@@ -90,7 +90,8 @@ def base_parser() -> argparse.ArgumentParser:
 
 def containerd_parser() -> argparse.ArgumentParser:
     """The containerd front's settings (``[containerd]`` in the config file)."""
-    parser = argparse.ArgumentParser(prog="snapdriver containerd")
+    # "resolve": a backend's own --dataset (zfs) replaces this one; the value is the same setting
+    parser = argparse.ArgumentParser(prog="snapdriver containerd", conflict_handler="resolve")
     parser.add_argument("--backend", help="storage backend to use")
     parser.add_argument("--root", type=Path, help="directory the snapshots are kept under")
     parser.add_argument("--dataset", metavar="POOL/DATASET", help="ZFS dataset of the snapshots")
@@ -103,16 +104,6 @@ def containerd_parser() -> argparse.ArgumentParser:
 
 
 config.FRONTS.update(graphdriver=base_parser, containerd=containerd_parser)
-
-
-def backend_actions(name: str) -> list[argparse.Action]:
-    """The flags backend ``name`` adds (loading it), for checking its ``[backends.NAME]`` table."""
-    parser = argparse.ArgumentParser(add_help=False)
-    try:
-        Backend.load(name).add_options(parser)
-    except BackendLoadError as err:
-        raise ConfigError(str(err)) from None
-    return list(parser._actions)
 
 
 def _fail(message: str) -> int:
@@ -182,6 +173,24 @@ def sweep_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def config_main(argv: Sequence[str]) -> int:
+    """``snapdriver config [FRONT] [FLAGS]``: the settings FLAGS would run with, and whence."""
+    front, argv = (
+        (argv[0], argv[1:]) if argv[:1] and argv[0] in config.FRONTS else ("graphdriver", argv)
+    )
+    parser = config.FRONTS[front]()
+    try:
+        file, early = config.early(parser, argv, front)
+        if early.backend:
+            resolved = config.with_backend(parser, argv, file, front, Backend.load(early.backend))
+        else:
+            resolved = config.resolve(parser, argv, file, front)
+    except ConfigError as err:
+        return _fail(str(err))
+    print(config.render(resolved), end="")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["sweep"]:
@@ -190,17 +199,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from snapdriver.doctor import main as doctor_main
 
         return doctor_main(argv[1:])
-    show, argv = (True, argv[1:]) if argv[:1] == ["config"] else (False, argv)
+    if argv[:1] == ["config"]:
+        return config_main(argv[1:])
     parser = base_parser()
     try:
-        file = config.read_file(config.path_from_argv(argv))
-        config.check_file(file, backend_actions)
-        early = config.resolve(parser, argv, file, "graphdriver", known_only=True).args
+        file, early = config.early(parser, argv, "graphdriver")
     except ConfigError as err:
         return _fail(str(err))
-    if show and not early.backend:
-        print(config.render(config.resolve(parser, argv, file, "graphdriver")), end="")
-        return 0
     if early.list_backends:
         return _list_backends()
     if not early.backend:
@@ -215,14 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     try:
         backend = Backend.load(early.backend)
-        added = config.dests_added(parser, backend.add_options)
-        resolved = config.resolve(
-            parser, argv, file, "graphdriver", backend=backend.name, backend_dests=added
-        )
-        if show:
-            print(config.render(resolved), end="")
-            return 0
-        args = resolved.args
+        args = config.with_backend(parser, argv, file, "graphdriver", backend).args
         logging.basicConfig(
             level=args.log_level.upper(),
             format=f"snapdriver[{args.name}] %(levelname)s %(name)s: %(message)s",

@@ -27,9 +27,12 @@ import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from snapdriver.errors import ConfigError
+
+if TYPE_CHECKING:
+    from snapdriver.plugins import Backend
 
 DEFAULT_PATH = Path("/etc/snapdriver/snapdriver.toml")
 ENV_PREFIX = "SNAPDRIVER_"
@@ -156,10 +159,27 @@ def key_lines(text: str) -> dict[tuple[str, ...], int]:
 
 @dataclass(frozen=True)
 class Setting:
-    """One flag as a setting: its table in the file, its key there and its environment variable."""
+    """One flag as a setting: its table in the file, its key there and its environment variable.
+
+    ``table`` is where the setting belongs; ``front`` is the running front's table, which may
+    override a shared key or a backend's key for that front alone (``[containerd] dataset`` over
+    ``[backends.zfs] dataset``), if the front declares that flag itself.
+    """
 
     action: argparse.Action
     table: tuple[str, ...]
+    front: str = ""
+
+    @property
+    def tables(self) -> list[tuple[str, ...]]:
+        """The tables to read, first match wins."""
+        found: list[tuple[str, ...]] = []
+        if self.front and (self.front,) != self.table:
+            found.append((self.front,))
+        found.append(self.table)
+        if self.key in SHARED_KEYS:
+            found.append(())
+        return found
 
     @property
     def key(self) -> str:
@@ -191,7 +211,7 @@ def settings_of(
             table: tuple[str, ...] = (BACKENDS_TABLE, backend)
         else:
             table = (front,)
-        found.append(Setting(action, table))
+        found.append(Setting(action, table, front))
     return found
 
 
@@ -321,7 +341,7 @@ def _from_env(setting: Setting, environ: Mapping[str, str]) -> tuple[Any, str] |
 
 
 def _from_file(setting: Setting, file: ConfigFile) -> tuple[Any, str] | None:
-    for table in (setting.table, ()) if setting.key in SHARED_KEYS else (setting.table,):
+    for table in setting.tables:
         values = file.table(*table)
         if setting.key in values:
             where = f"file {file.where(*table, setting.key)}"
@@ -352,6 +372,48 @@ def _defaults(
     finally:
         for action, value in saved:
             action.default = value
+
+
+def early(
+    parser: argparse.ArgumentParser, argv: Sequence[str], front: str
+) -> tuple[ConfigFile, argparse.Namespace]:
+    """Read and check the file, and parse what the front's parser knows before a backend is loaded
+    (``--backend`` itself may come from the file)."""
+    file = read_file(path_from_argv(argv))
+    check_file(file, backend_actions)
+    return file, resolve(parser, argv, file, front, known_only=True).args
+
+
+def with_backend(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str],
+    file: ConfigFile,
+    front: str,
+    backend: Backend,
+) -> Resolved:
+    """Add the backend's flags to ``parser`` and parse ``argv`` whole (an error ends the process).
+
+    What a front does to start::
+
+        file, args = config.early(parser, argv, "containerd")
+        backend = Backend.load(args.backend)
+        args = config.with_backend(parser, argv, file, "containerd", backend).args
+    """
+    added = dests_added(parser, backend.add_options)
+    return resolve(parser, argv, file, front, backend=backend.name, backend_dests=added)
+
+
+def backend_actions(name: str) -> list[argparse.Action]:
+    """The flags backend ``name`` adds (loading it), for checking its ``[backends.NAME]`` table."""
+    from snapdriver.errors import BackendLoadError
+    from snapdriver.plugins import Backend
+
+    parser = argparse.ArgumentParser(add_help=False)
+    try:
+        Backend.load(name).add_options(parser)
+    except BackendLoadError as err:
+        raise ConfigError(str(err)) from None
+    return list(parser._actions)
 
 
 # -- checking the whole file -----------------------------------------------------------------------

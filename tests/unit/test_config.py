@@ -197,7 +197,7 @@ def test_a_front_plugs_in_with_its_parser(tmp_path: Path) -> None:
     path = write(tmp_path, FILE)
     parser = cli.containerd_parser()
     file = config.read_file(path)
-    config.check_file(file, cli.backend_actions)
+    config.check_file(file, config.backend_actions)
     resolved = config.resolve(parser, ["--backend", "zfs"], file, "containerd", environ={})
     assert resolved.args.root == Path("/var/lib/snapdriver/ctd")
     assert resolved.args.listen == "unix:///run/snapdriver/containerd.sock"
@@ -234,3 +234,23 @@ def test_daemon_serves_with_file_settings(tmp_path: Path) -> None:
     finally:
         server.close()
     assert done.returncode == 2 and "is in use" in done.stderr, done.stderr
+
+
+def test_config_command_for_the_containerd_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """[containerd] dataset is zfs's --dataset there; the graphdriver reads [backends.zfs]."""
+    text = FILE.replace('root = "/var/lib/snapdriver/ctd"', 'dataset = "tank/ctd"')
+    path = write(tmp_path, text)
+    code, out, err = show(["containerd", "--config", str(path), "--backend", "zfs"], capsys)
+    assert code == 0, err
+    assert line_of(out, "dataset") == f'dataset = "tank/ctd"  # file {path}:15'
+    assert (
+        line_of(out, "listen")
+        == f'listen = "unix:///run/snapdriver/containerd.sock"  # file {path}:16'
+    )
+    code, out, _ = show(["--config", str(path), "--backend", "zfs"], capsys)
+    assert line_of(out, "dataset") == f'dataset = "tank/docker"  # file {path}:12'
+    code, out, _ = show(["containerd", "--config", str(path), "--dataset", "x/y"], capsys)
+    assert line_of(out, "dataset") == 'dataset = "x/y"  # flag --dataset'
+    assert line_of(out, "root") == "# root is unset  # default"
