@@ -425,9 +425,12 @@ def check_dockerd_driver(host: Host) -> Result:
 def check_socket(host: Host) -> Result:
     """The plugin answers on its socket (graphdriver: Plugin.Activate; containerd: a connect)."""
     name = "plugin socket"
-    start = (
-        f"start snapdriver (systemctl start snapdriver.socket), or check --listen ({host.address})"
+    unit = (
+        "snapdriver containerd"
+        if host.front == "containerd"
+        else "systemctl start snapdriver.socket"
     )
+    start = f"start snapdriver ({unit}), or check --listen ({host.address})"
     try:
         if host.front == "containerd":
             with socket.socket(socket.AF_UNIX) as sock:
