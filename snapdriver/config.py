@@ -48,6 +48,13 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
+def fronts() -> dict[str, Callable[[], argparse.ArgumentParser]]:
+    """:data:`FRONTS`, after the command-line module has registered the built-in fronts."""
+    import snapdriver.cli  # noqa: F401 - registers on import
+
+    return FRONTS
+
+
 def add_config_flag(parser: argparse.ArgumentParser) -> None:
     """``--config PATH``, for every command that reads the file."""
     parser.add_argument(
@@ -429,15 +436,15 @@ def check_file(file: ConfigFile, backend_dests: Callable[[str], list[argparse.Ac
         where = file.where(key)
         if key == BACKENDS_TABLE and not isinstance(value, Mapping):
             raise ConfigError(f"{key} at {where}: expected tables [{key}.NAME]")
-        if key in FRONTS:
+        if key in fronts():
             _check_table(file, (key,), value, _front_actions(key))
         elif key == BACKENDS_TABLE:
             _check_backends(file, value, backend_dests)
         elif key in SHARED_KEYS:
-            actions = _front_actions(next(iter(FRONTS)))
+            actions = _front_actions(next(iter(fronts())))
             convert(actions[key], value, f"file {where}")
         else:
-            raise ConfigError(f"unknown key {key!r} at {where}{_known(FRONTS, SHARED_KEYS)}")
+            raise ConfigError(f"unknown key {key!r} at {where}{_known(fronts(), SHARED_KEYS)}")
 
 
 def _check_backends(
@@ -471,7 +478,7 @@ def _check_table(
 
 
 def _front_actions(front: str) -> dict[str, argparse.Action]:
-    parser = FRONTS[front]()
+    parser = fronts()[front]()
     return {s.key: s.action for s in settings_of(parser, front)}
 
 

@@ -578,6 +578,7 @@ def host_from_argv(argv: Sequence[str]) -> Host:
     flags = parser()
     front = flags.parse_known_args(argv)[0].front
     file = config.read_file(config.path_from_argv(argv))
+    config.check_file(file, config.backend_actions)
     args = config.resolve(flags, argv, file, front).args
     if not args.backend:
         raise ConfigError("--backend is required (or backend in the config file)")

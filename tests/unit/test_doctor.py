@@ -312,3 +312,29 @@ def test_a_crashing_check_is_reported_not_raised(
     monkeypatch.setitem(doctor.FRONT_CHECKS, "containerd", [])
     (result,) = doctor.run_checks(host(tmp_path, front="containerd"))
     assert result.level == "FAIL" and "boom" in result.detail
+
+
+def test_doctor_refuses_a_bad_config_file(tmp_path: Path) -> None:
+    settings = tmp_path / "snapdriver.toml"
+    settings.write_text('backend = "btrfs"\n[graphdriver]\nnmae = "x"\n')
+    done = run_doctor("--config", str(settings))
+    assert done.returncode == 2
+    assert f"unknown key 'nmae' in [graphdriver] at {settings}:3" in done.stderr
+
+
+def test_doctor_containerd_front_reads_its_table(tmp_path: Path) -> None:
+    settings = tmp_path / "snapdriver.toml"
+    config_toml = tmp_path / "containerd.toml"
+    config_toml.write_text(
+        SNAPSHOTTER.replace("sddoc", "snapdriver").format(path=f"{tmp_path}/c.sock")
+    )
+    settings.write_text(
+        f'backend = "btrfs"\n[containerd]\nroot = "{tmp_path}/root"\nlisten = "unix://{tmp_path}/c.sock"\n'
+    )
+    done = run_doctor(
+        "--front", "containerd", "--config", str(settings), "--containerd-config", str(config_toml)
+    )
+    assert f"data root filesystem: {tmp_path}/root is on" in done.stdout
+    assert f"nothing answers at unix://{tmp_path}/c.sock" in done.stdout
+    assert "OK   containerd proxy_plugins: [proxy_plugins.snapdriver]" in done.stdout
+    assert "dockerd" not in done.stdout
