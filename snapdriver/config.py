@@ -330,9 +330,9 @@ def resolve(
         found = _from_env(setting, environ) or _from_file(setting, file)
         if found:
             defaults[setting.key], origins[setting.key] = found
-    given = given_on_command_line(parser, argv)
     with _defaults(parser, lambda action: defaults.get(action.dest, action.default)):
         args = parser.parse_known_args(argv)[0] if known_only else parser.parse_args(argv)
+    given = given_on_command_line(parser, argv)  # after: --help and --version act only once
     for setting in settings:
         if setting.key in given:
             origins[setting.key] = f"flag {setting.flag}"

@@ -254,3 +254,18 @@ def test_config_command_for_the_containerd_front(
     code, out, _ = show(["containerd", "--config", str(path), "--dataset", "x/y"], capsys)
     assert line_of(out, "dataset") == 'dataset = "x/y"  # flag --dataset'
     assert line_of(out, "root") == "# root is unset  # default"
+
+
+@pytest.mark.parametrize("flag", ["--version", "--help"])
+def test_version_and_help_print_once(flag: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "snapdriver", flag],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0
+    assert done.stdout.count("snapdriver") >= 1
+    first = done.stdout.splitlines()[0]
+    assert done.stdout.count(first) == 1, done.stdout
