@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from snapbench.env import vm_hwm_kib
 from snapbench.images import FileLayout, write_file_image, write_load_layer
 
-from snapdriver.protocol.client import PluginClient
+from snapdriver.graphdriver.client import PluginClient
 from snapdriver.testing.loopfs import can_make_loop_filesystems, loop_filesystem
 from snapdriver.testing.process import PluginProcess
 
