@@ -48,6 +48,10 @@ BUILTIN_DRIVERS = frozenset(
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
+CONTAINERD_ROOT = Path("/var/lib/snapdriver-containerd")
+CONTAINERD_LISTEN = "unix:///run/snapdriver/containerd.sock"
+
+
 def base_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="snapdriver",
@@ -91,11 +95,29 @@ def base_parser() -> argparse.ArgumentParser:
 def containerd_parser() -> argparse.ArgumentParser:
     """The containerd front's settings (``[containerd]`` in the config file)."""
     # "resolve": a backend's own --dataset (zfs) replaces this one; the value is the same setting
-    parser = argparse.ArgumentParser(prog="snapdriver containerd", conflict_handler="resolve")
-    parser.add_argument("--backend", help="storage backend to use")
-    parser.add_argument("--root", type=Path, help="directory the snapshots are kept under")
+    parser = argparse.ArgumentParser(
+        prog="snapdriver containerd",
+        conflict_handler="resolve",
+        description="Serve containerd's snapshots API (a proxy snapshotter) from a backend. "
+        "Prints the [proxy_plugins] entry for containerd's config at start.",
+    )
+    parser.add_argument("--backend", help="storage backend to use (see snapdriver --list-backends)")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=CONTAINERD_ROOT,
+        help="the front's own directory: its key store, and its layers for btrfs "
+        "(never a graphdriver Home; default: %(default)s)",
+    )
     parser.add_argument("--dataset", metavar="POOL/DATASET", help="ZFS dataset of the snapshots")
-    parser.add_argument("--listen", help="unix:///path.sock containerd's proxy_plugins names")
+    parser.add_argument(
+        "--listen",
+        default=CONTAINERD_LISTEN,
+        help="unix:///path.sock that containerd's proxy_plugins entry names (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--name", default="snapdriver", help="the snapshotter's name in containerd's config"
+    )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
@@ -201,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return doctor_main(argv[1:])
     if argv[:1] == ["config"]:
         return config_main(argv[1:])
+    if argv[:1] == ["containerd"]:
+        return containerd_main(argv[1:])
     parser = base_parser()
     try:
         file, early = config.early(parser, argv, "graphdriver")
@@ -227,6 +251,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         raise_open_file_limit()
         return asyncio.run(_serve(backend, args))
+    except SnapdriverError as err:
+        return _fail(str(err))
+    except KeyboardInterrupt:
+        return 130
+
+
+def containerd_main(argv: Sequence[str]) -> int:
+    """``snapdriver containerd``: serve containerd's snapshots API from one backend."""
+    from snapdriver.containerd.server import ContainerdFront, parse_listen, proxy_plugin_toml
+
+    parser = containerd_parser()
+    try:
+        file, early = config.early(parser, argv, "containerd")
+        if not early.backend:
+            raise ConfigError(
+                "--backend is required (installed: "
+                f"{', '.join(sorted(installed_backends())) or 'none'})"
+            )
+        backend = Backend.load(early.backend)
+        args = config.with_backend(parser, argv, file, "containerd", backend).args
+        if args.dataset and early.backend != "zfs":
+            raise ConfigError(f"--dataset is a zfs setting; the {early.backend} backend has none")
+        path = parse_listen(args.listen)
+        logging.basicConfig(
+            level=args.log_level.upper(),
+            format=f"snapdriver-containerd[{args.name}] %(levelname)s %(name)s: %(message)s",
+        )
+        print(proxy_plugin_toml(args.name, path), flush=True)
+        front = ContainerdFront(backend, args.root.absolute(), path, args)
+        raise_open_file_limit()
+        return asyncio.run(run(front, f"backend {backend.name} to containerd"))
     except SnapdriverError as err:
         return _fail(str(err))
     except KeyboardInterrupt:

@@ -253,7 +253,7 @@ def test_config_command_for_the_containerd_front(
     assert line_of(out, "dataset") == f'dataset = "tank/docker"  # file {path}:12'
     code, out, _ = show(["containerd", "--config", str(path), "--dataset", "x/y"], capsys)
     assert line_of(out, "dataset") == 'dataset = "x/y"  # flag --dataset'
-    assert line_of(out, "root") == "# root is unset  # default"
+    assert line_of(out, "root") == 'root = "/var/lib/snapdriver-containerd"  # default'
 
 
 @pytest.mark.parametrize("flag", ["--version", "--help"])
