@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO
 
 from snapdriver.errors import (
+    ConfigError,
     LayerBusyError,
     LayerExistsError,
     LayerNotFoundError,
@@ -37,7 +38,7 @@ from snapdriver.hookspec import BackendConfig, CreateRequest
 from snapdriver.layers.apply import apply_tar
 from snapdriver.layers.archive import export_changes, export_tree
 from snapdriver.layers.changes import Change, ChangeKind, changes_size, walk_changes
-from snapdriver.layers.state import LayerRecord, LayerStore, Status
+from snapdriver.layers.state import DB_NAME, LayerRecord, LayerStore, Status
 from snapdriver.plugins import Backend
 from snapdriver.streams import Sink, stream_from_thread
 
@@ -77,11 +78,52 @@ class Usage:
     inodes: int
 
 
-class Core:
-    """Layers by ID: a backend, the layer record in its Home, and the mounts in use."""
+#: Which front a Home belongs to (a file in the Home).
+FRONT_MARK = "snapdriver.front"
 
-    def __init__(self, backend: Backend, args: argparse.Namespace | None = None) -> None:
+
+def claim_home(home: Path, front: str) -> None:
+    """One Home, one front: refuse a Home that another front's layers live in.
+
+    A front removes every layer it does not know at start (containerd's front those no key
+    names), so a containerd root pointed at dockerd's Home would destroy dockerd's layers. A
+    Home with a record but no mark predates the mark, when only the graphdriver front existed.
+    """
+    mark = home / FRONT_MARK
+    try:
+        owner = mark.read_text().strip()
+    except FileNotFoundError:
+        owner = "graphdriver" if (home / DB_NAME).exists() else ""
+    except OSError as err:
+        raise ConfigError(f"cannot read {mark}: {err.strerror}") from err
+    if owner and owner != front:
+        raise ConfigError(
+            f"{home} holds the {owner} front's layers: give the {front} front a directory "
+            "of its own"
+        )
+
+
+def _mark_home(home: Path, front: str) -> None:
+    mark = home / FRONT_MARK
+    if mark.exists():
+        return
+    try:
+        mark.write_text(front + "\n")
+    except OSError as err:  # a full disk: the record's own front check is the fallback
+        log.warning("cannot write %s: %s", mark, err)
+
+
+class Core:
+    """Layers by ID: a backend, the layer record in its Home, and the mounts in use.
+
+    ``front`` names the front that owns the Home (see :func:`claim_home`).
+    """
+
+    def __init__(
+        self, backend: Backend, front: str, args: argparse.Namespace | None = None
+    ) -> None:
         self.backend = backend
+        self.front = front
         self.args = args or argparse.Namespace()
         self.home: Path | None = None
         self._store: LayerStore | None = None
@@ -99,11 +141,14 @@ class Core:
 
         Opening the Home already open only sets the backend up again (as a repeated Init does).
         """
+        if self._store is None or self.home != config.home:
+            claim_home(config.home, self.front)
         await asyncio.to_thread(self.backend.setup, config)
         self._instant_mounts = self.backend.instant_mounts()
         if self._store is not None and self.home != config.home:
             self.close()
         if self._store is None:
+            _mark_home(config.home, self.front)
             self._store = LayerStore(config.home)
         self.home = config.home
         await self.recover()

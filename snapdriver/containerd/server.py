@@ -105,7 +105,7 @@ class ContainerdFront:
         prepare_unix_socket(self.path)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         store = KeyStore(self.root)  # holds an exclusive lock on the root from here
-        core = Core(self.backend, self.args)
+        core = Core(self.backend, "containerd", self.args)
         try:
             await core.open(BackendConfig(self.root, {}, self.args))
             async with serving(core, self.path, store) as where:

@@ -101,7 +101,7 @@ class GraphDriver:
     def __init__(
         self, backend: Backend, state_dir: Path, args: argparse.Namespace | None = None
     ) -> None:
-        self.core = Core(backend, args)
+        self.core = Core(backend, "graphdriver", args)
         self.state_dir = state_dir
         self._not_resumed = ""  # why a recorded Init could not be resumed, if it could not
 

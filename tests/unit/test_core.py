@@ -16,9 +16,9 @@ import pytest
 
 from snapdriver import BackendConfig, CreateRequest, hookimpl
 from snapdriver import core as core_module
-from snapdriver.core import Core, Usage
+from snapdriver.core import FRONT_MARK, Core, Usage
 from snapdriver.daemon import WORKER_THREADS
-from snapdriver.errors import LayerBusyError, LayerNotFoundError
+from snapdriver.errors import ConfigError, LayerBusyError, LayerNotFoundError
 from snapdriver.plugins import Backend
 
 BASE, CHILD = "b" * 64, "c" * 64
@@ -78,7 +78,7 @@ def tar_of(files: dict[str, bytes]) -> io.BytesIO:
 
 def run_core(tmp_path: Path, backend: object, body: Callable[[Core], Awaitable[None]]) -> None:
     async def main() -> None:
-        core = Core(Backend.load(backend))
+        core = Core(Backend.load(backend), "test")
         await core.open(BackendConfig(tmp_path / "home"))
         try:
             await body(core)
@@ -162,3 +162,26 @@ def test_apply_diffs_unpack_a_few_at_a_time(
 
     run_core(tmp_path, CopyBackend(), body)
     assert most == core_module.APPLY_CONCURRENCY
+
+
+def test_a_home_belongs_to_one_front(tmp_path: Path) -> None:
+    """containerd's front removes layers it has no key for: it must never open dockerd's Home."""
+    home = tmp_path / "home"
+
+    async def main() -> None:
+        graphdriver = Core(Backend.load(CopyBackend()), "graphdriver")
+        await graphdriver.open(BackendConfig(home))
+        await graphdriver.create(BASE, None)
+        graphdriver.close()
+        intruder = Core(Backend.load(CopyBackend()), "containerd")
+        with pytest.raises(ConfigError, match="holds the graphdriver front's layers"):
+            await intruder.open(BackendConfig(home))
+        (home / FRONT_MARK).unlink()  # a Home from before the mark: its record says enough
+        with pytest.raises(ConfigError, match="holds the graphdriver front's layers"):
+            await intruder.open(BackendConfig(home))
+        again = Core(Backend.load(CopyBackend()), "graphdriver")
+        await again.open(BackendConfig(home))
+        assert again.exists(BASE), "the layer survived, and its own front opens the Home"
+        again.close()
+
+    asyncio.run(main())
