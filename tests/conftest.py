@@ -1,8 +1,8 @@
 """Shared fixtures: real filesystems on loop devices, and loud skips for tiers that cannot run.
 
 A tier that cannot run here is skipped with its reason in the summary (``-ra``). CI sets
-``SNAPDRIVER_REQUIRE_TIERS=btrfs,dockerd`` so that a tier it expects never skips silently: there the
-skip becomes a failure.
+``SNAPDRIVER_REQUIRE_TIERS=btrfs,dockerd,containerd`` so that a tier it expects never skips
+silently: there the skip becomes a failure.
 """
 
 from __future__ import annotations
@@ -130,3 +130,20 @@ def dockerd_available() -> None:
         reason = "busybox-static is not installed"
     if reason:
         skip_tier("dockerd", reason)
+
+
+@pytest.fixture(scope="session")
+def containerd_available() -> None:
+    """The containerd tier needs root and loop btrfs, containerd, ctr, runc and Go with
+    containerd's sources (for its conformance suite)."""
+    from snapdriver.testing import gosuite
+
+    reason = can_make_loop_filesystems()
+    for tool, package in (("containerd", "containerd"), ("ctr", "containerd"), ("runc", "runc")):
+        if reason is None and shutil.which(tool) is None:
+            reason = f"{tool} is not installed (apt-get install {package})"
+    if reason is None and not Path("/bin/busybox").exists():
+        reason = "busybox-static is not installed"
+    reason = reason or gosuite.unavailable()
+    if reason:
+        skip_tier("containerd", reason)
