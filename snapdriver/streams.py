@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import io
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-from aiohttp import StreamReader
+if TYPE_CHECKING:  # the core uses this module too, and must not load aiohttp for it
+    from aiohttp import StreamReader
 
 Sink = Callable[[bytes], None]
 _QUEUE_DEPTH = 4

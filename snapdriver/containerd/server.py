@@ -20,9 +20,9 @@ from snapdriver.containerd.service import Servicer, SnapshotService
 from snapdriver.containerd.store import KeyStore
 from snapdriver.core import Core
 from snapdriver.errors import ConfigError, NotInitialisedError
-from snapdriver.graphdriver.serve import prepare_unix_socket
 from snapdriver.hookspec import BackendConfig
 from snapdriver.plugins import Backend
+from snapdriver.sockets import prepare_unix_socket
 
 log = logging.getLogger(__name__)
 #: Seconds calls in flight get to finish when the server stops.

@@ -12,8 +12,9 @@ import pytest
 
 from snapdriver import hookimpl
 from snapdriver.errors import BackendLoadError, ConfigError
-from snapdriver.graphdriver.serve import Listen, prepare_unix_socket
+from snapdriver.graphdriver.serve import Listen
 from snapdriver.plugins import Backend, load_plugin_manager
+from snapdriver.sockets import prepare_unix_socket
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
