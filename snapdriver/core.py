@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO
 
 from snapdriver.errors import (
+    ConfigError,
     LayerBusyError,
     LayerExistsError,
     LayerNotFoundError,
@@ -37,13 +38,18 @@ from snapdriver.hookspec import BackendConfig, CreateRequest
 from snapdriver.layers.apply import apply_tar
 from snapdriver.layers.archive import export_changes, export_tree
 from snapdriver.layers.changes import Change, ChangeKind, changes_size, walk_changes
-from snapdriver.layers.state import LayerRecord, LayerStore, Status
+from snapdriver.layers.state import DB_NAME, LayerRecord, LayerStore, Status
 from snapdriver.plugins import Backend
 from snapdriver.streams import Sink, stream_from_thread
 
 log = logging.getLogger(__name__)
 #: Seconds between a reference count changing and its write: one write for a burst of Get/Put.
 REFS_FLUSH_DELAY = 0.5
+#: ApplyDiffs unpacking at once; more wait, their bodies unread (aiohttp stops reading the
+#: socket). Each holds ~5-6 MiB of buffers while it unpacks, and two cores gain little from more:
+#: 32 streams of 50 MiB at once took the plugin to a 208-237 MiB peak RSS unbounded, 120-125 MiB
+#: with 8 unpacking, 107-116 MiB with 4, in about the same time (bench/scale.md).
+APPLY_CONCURRENCY = 4
 
 
 @dataclass
@@ -72,11 +78,52 @@ class Usage:
     inodes: int
 
 
-class Core:
-    """Layers by ID: a backend, the layer record in its Home, and the mounts in use."""
+#: Which front a Home belongs to (a file in the Home).
+FRONT_MARK = "snapdriver.front"
 
-    def __init__(self, backend: Backend, args: argparse.Namespace | None = None) -> None:
+
+def claim_home(home: Path, front: str) -> None:
+    """One Home, one front: refuse a Home that another front's layers live in.
+
+    A front removes every layer it does not know at start (containerd's front those no key
+    names), so a containerd root pointed at dockerd's Home would destroy dockerd's layers. A
+    Home with a record but no mark predates the mark, when only the graphdriver front existed.
+    """
+    mark = home / FRONT_MARK
+    try:
+        owner = mark.read_text().strip()
+    except FileNotFoundError:
+        owner = "graphdriver" if (home / DB_NAME).exists() else ""
+    except OSError as err:
+        raise ConfigError(f"cannot read {mark}: {err.strerror}") from err
+    if owner and owner != front:
+        raise ConfigError(
+            f"{home} holds the {owner} front's layers: give the {front} front a directory "
+            "of its own"
+        )
+
+
+def _mark_home(home: Path, front: str) -> None:
+    mark = home / FRONT_MARK
+    if mark.exists():
+        return
+    try:
+        mark.write_text(front + "\n")
+    except OSError as err:  # a full disk: the record's own front check is the fallback
+        log.warning("cannot write %s: %s", mark, err)
+
+
+class Core:
+    """Layers by ID: a backend, the layer record in its Home, and the mounts in use.
+
+    ``front`` names the front that owns the Home (see :func:`claim_home`).
+    """
+
+    def __init__(
+        self, backend: Backend, front: str, args: argparse.Namespace | None = None
+    ) -> None:
         self.backend = backend
+        self.front = front
         self.args = args or argparse.Namespace()
         self.home: Path | None = None
         self._store: LayerStore | None = None
@@ -85,6 +132,7 @@ class Core:
         self._internal_refs: Counter[str] = Counter()
         self._instant_mounts = False
         self._refs_flush: asyncio.TimerHandle | None = None
+        self._unpacking = asyncio.Semaphore(APPLY_CONCURRENCY)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -93,11 +141,14 @@ class Core:
 
         Opening the Home already open only sets the backend up again (as a repeated Init does).
         """
+        if self._store is None or self.home != config.home:
+            claim_home(config.home, self.front)
         await asyncio.to_thread(self.backend.setup, config)
         self._instant_mounts = self.backend.instant_mounts()
         if self._store is not None and self.home != config.home:
             self.close()
         if self._store is None:
+            _mark_home(config.home, self.front)
             self._store = LayerStore(config.home)
         self.home = config.home
         await self.recover()
@@ -371,7 +422,8 @@ class Core:
             self._internal_refs[layer] += 1
             try:
                 layer_dir = await self._acquire(layer)
-                size = await asyncio.to_thread(apply_tar, layer_dir, stream)
+                async with self._unpacking:
+                    size = await asyncio.to_thread(apply_tar, layer_dir, stream)
             except BaseException:
                 self.store.set_status(layer, Status.FAILED)
                 raise

@@ -60,6 +60,10 @@ def build() -> Metric:
     return Metric(5, "build", 0, "s", "`docker build`, 7 steps, classic builder, `--no-cache`")
 
 
+def build_kit() -> Metric:
+    return Metric(5, "build-kit", 0, "s", "`docker build`, same 7 steps, BuildKit, `--no-cache`")
+
+
 def rpc_round_trip(clients: int) -> Metric:
     return Metric(6, "rpc-a-rt", clients, "ms", f"plugin Get+Put round trip p50, {clients} clients")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import shutil
 import signal
 import subprocess
@@ -32,6 +33,8 @@ from snapbench.results import Results
 from snapbench.rpc import get_put_load
 
 SMALL_IMAGE = "sdbench-busybox"
+#: Debian's docker.io CLI (20.10): it drives dockerd's built-in BuildKit.
+BUILDKIT_CLI = "/usr/bin/docker"
 CHANGES_IN_SCENARIO_1 = 10
 #: Above this many files a committed image is checked by its history, not by running it (a run
 #: on vfs copies the whole image).
@@ -59,17 +62,37 @@ class Runner:
     def docker(self, *args: str, check: bool = True) -> str:
         return self.env.dockerd.docker(*args, check=check, timeout=self.config.timeout).stdout
 
-    def timed(self, *args: str) -> tuple[float, str]:
+    def timed(self, *args: str, buildkit: bool = False) -> tuple[float, str]:
         start = time.perf_counter()
-        out = self.docker(*args)
+        out = self.buildkit(*args) if buildkit else self.docker(*args)
         return time.perf_counter() - start, out
 
-    def measured(self, metric: m.Metric, *args: str) -> str:
+    def buildkit(self, *args: str) -> str:
+        """A command through Debian's 20.10 CLI with ``DOCKER_BUILDKIT=1``: dockerd's built-in
+        BuildKit (the CLI first on PATH needs a buildx it does not have)."""
+        dockerd = self.env.dockerd
+        done = subprocess.run(
+            [BUILDKIT_CLI, "-H", dockerd.host, *args],
+            capture_output=True,
+            text=True,
+            timeout=self.config.timeout,
+            check=False,
+            env={
+                **os.environ,
+                "DOCKER_BUILDKIT": "1",
+                "DOCKER_CONFIG": str(dockerd.workdir / "cli"),
+            },
+        )
+        if done.returncode != 0:
+            raise ScenarioFailed(f"BuildKit: docker {args[0]} failed: {done.stderr.strip()[-500:]}")
+        return done.stdout
+
+    def measured(self, metric: m.Metric, *args: str, buildkit: bool = False) -> str:
         """Run a docker command and record its wall time and the CPU it cost: on the whole
         machine (what decides the wall time when the cores are shared) and in the plugin."""
         pid = self.env.plugin_pid
         busy, plugin = busy_cpu_seconds(), process_cpu_seconds(pid)
-        seconds, out = self.timed(*args)
+        seconds, out = self.timed(*args, buildkit=buildkit)
         self.results.add(m.cpu(metric, "all"), self.driver, busy_cpu_seconds() - busy)
         if pid is not None:
             self.results.add(
@@ -280,6 +303,27 @@ class Runner:
                     raise ScenarioFailed(f"the built image counts {out.strip()!r} files, not 50")
             self.docker("rmi", image)
         self.log(f"    {m.build().title}: {self.results.median(m.build(), self.driver):.3f}s")
+        self.build_kit(context)
+
+    def build_kit(self, context: Path) -> None:
+        """The same build with dockerd's built-in BuildKit, driven by Debian's 20.10 CLI (the
+        CLI first on PATH needs a buildx it does not have). Its cache is pruned after each."""
+        for i in range(self.config.repeat):
+            image = f"sdbench-kit-{i}"
+            with self.profiled("build-kit"):
+                self.measured(
+                    m.build_kit(),
+                    *("build", "--no-cache", "--network", "none", "-t", image, str(context)),
+                    buildkit=True,
+                )
+            if i == 0:
+                out = self.docker("run", "--rm", "--network", "none", image, "cat", "/app/count")
+                if out.strip() != "50":
+                    raise ScenarioFailed(f"BuildKit's image counts {out.strip()!r} files, not 50")
+            self.docker("rmi", image)
+            self.docker("builder", "prune", "--all", "--force")
+        median = self.results.median(m.build_kit(), self.driver)
+        self.log(f"    {m.build_kit().title}: {median:.3f}s")
 
     def get_put(self) -> None:
         plugin = self.env.plugin

@@ -20,9 +20,9 @@ from snapdriver.containerd.service import Servicer, SnapshotService
 from snapdriver.containerd.store import KeyStore
 from snapdriver.core import Core
 from snapdriver.errors import ConfigError, NotInitialisedError
-from snapdriver.graphdriver.serve import prepare_unix_socket
 from snapdriver.hookspec import BackendConfig
 from snapdriver.plugins import Backend
+from snapdriver.sockets import prepare_unix_socket
 
 log = logging.getLogger(__name__)
 #: Seconds calls in flight get to finish when the server stops.
@@ -105,7 +105,7 @@ class ContainerdFront:
         prepare_unix_socket(self.path)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         store = KeyStore(self.root)  # holds an exclusive lock on the root from here
-        core = Core(self.backend, self.args)
+        core = Core(self.backend, "containerd", self.args)
         try:
             await core.open(BackendConfig(self.root, {}, self.args))
             async with serving(core, self.path, store) as where:

@@ -17,7 +17,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from snapdriver.graphdriver.client import PluginClient
-from snapdriver.graphdriver.serve import bind_unix_socket
+from snapdriver.sockets import bind_unix_socket
 
 #: Unix sockets of the plugins this process started, for leak checks.
 SOCKETS: list[Path] = []

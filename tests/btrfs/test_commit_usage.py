@@ -23,7 +23,7 @@ def test_commit_makes_a_read_only_subvolume_that_children_snapshot(btrfs_mount: 
     home = btrfs_mount / f"commit-{uuid.uuid4().hex[:8]}"
 
     async def main() -> None:
-        core = Core(Backend.load("btrfs"))
+        core = Core(Backend.load("btrfs"), "test")
         await core.open(BackendConfig(home))
         try:
             await core.create(BASE, None)

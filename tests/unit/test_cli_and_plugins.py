@@ -12,8 +12,9 @@ import pytest
 
 from snapdriver import hookimpl
 from snapdriver.errors import BackendLoadError, ConfigError
-from snapdriver.graphdriver.serve import Listen, prepare_unix_socket
+from snapdriver.graphdriver.serve import Listen
 from snapdriver.plugins import Backend, load_plugin_manager
+from snapdriver.sockets import prepare_unix_socket
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -171,3 +172,22 @@ def test_a_recorded_init_that_cannot_resume_still_serves(tmp_path: Path) -> None
 
     asyncio.run(scenario())
     assert (state / "init.json").exists(), "the record stays until dockerd sends a new Init"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["containerd"], "--backend is required"),
+        (["containerd", "--backend", "nosuch"], "unknown backend 'nosuch'"),
+        (["containerd", "--backend", "btrfs", "--dataset", "p/d"], "--dataset is a zfs setting"),
+        (["containerd", "--backend", "btrfs", "--listen", "tcp://h:1"], "unix:///absolute"),
+    ],
+)
+def test_containerd_command_refuses_bad_usage_in_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from snapdriver.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from snapdriver_zfs.backend import HOME
 from snapdriver_zfs.testing import (
     Lab,
     detach_all_below,
@@ -39,6 +40,8 @@ def lab(root_dataset: str, tmp_path: Path) -> Iterator[Lab]:
     loop = asyncio.new_event_loop()
     yield Lab(root_dataset, tmp_path / "home", tmp_path / "state", loop)
     loop.close()
+    # Each test has a Home of its own on the module's root: let the next one claim the root.
+    subprocess.run(["zfs", "inherit", HOME, root_dataset], check=False, capture_output=True)
     left = everything_below(root_dataset)
     if left:
         detach_all_below(root_dataset)

@@ -67,6 +67,14 @@ def test_setup_rejects_bad_configuration(lab: Lab) -> None:
         backend.snapdriver_setup(BackendConfig(lab.home, {"zfs.fsname": f"{lab.root}x"}, args))
 
 
+def test_a_root_dataset_serves_one_home(lab: Lab, tmp_path: Path) -> None:
+    """A second record over the same datasets would destroy the first one's layers at start."""
+    ZfsBackend().snapdriver_setup(BackendConfig(lab.home, {"zfs.fsname": lab.root}))
+    ZfsBackend().snapdriver_setup(BackendConfig(lab.home, {"zfs.fsname": lab.root}))  # again: fine
+    with pytest.raises(ConfigError, match=f"keeps the layers of {lab.home}"):
+        ZfsBackend().snapdriver_setup(BackendConfig(tmp_path / "other", {"zfs.fsname": lab.root}))
+
+
 def test_root_from_the_dataset_mounted_at_home(lab: Lab, tmp_path: Path) -> None:
     """No flag, no option: the dataset mounted at Home's nearest existing ancestor is used."""
     where = tmp_path / "mounted"

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 OPTION_PREFIX = "zfs."
 OWNER = "snapdriver:layer"
+#: On the root dataset: the Home whose record knows its layers (one record per root dataset).
+HOME = "snapdriver:home"
 #: Not a valid layer ID (those start with a letter or digit), so it can never clash with one.
 TRASH_PREFIX = "_removed."
 #: Seconds to wait between tries to destroy a busy dataset (about 1.5 s in all).
@@ -98,6 +100,7 @@ class ZfsBackend:
         root = _choose_root(config, _parse_options(config.options))
         zfs = Zfs(command)
         _check_root(zfs, root)
+        _claim_root(zfs, root, config.home)
         zfs.lzc, self._lzc_state = load_libzfs_core(root)
         config.home.mkdir(mode=0o710, parents=True, exist_ok=True)
         (config.home / "mnt").mkdir(mode=0o700, exist_ok=True)
@@ -502,6 +505,23 @@ def _check_root(zfs: Zfs, root: str) -> None:
         ) from err
     if kind != "filesystem":
         raise ConfigError(f"root dataset {root} is a {kind}, not a filesystem")
+
+
+def _claim_root(zfs: Zfs, root: str, home: Path) -> None:
+    """One root dataset, one Home: a second record would take the first one's layers for
+    leftovers and destroy them at start (two fronts, or two plugins, given one dataset)."""
+    try:
+        owner = zfs.get(root, HOME).get(HOME, "-")
+        if owner in ("", "-"):
+            zfs.set(root, {HOME: str(home)})
+            return
+    except ZfsError as err:
+        raise ConfigError(f"cannot read or set {HOME} on {root}: {err}") from err
+    if owner != str(home):
+        raise ConfigError(
+            f"dataset {root} keeps the layers of {owner}, not of {home}: give each front or "
+            f"plugin its own dataset (if {owner} is gone for good: zfs inherit {HOME} {root})"
+        )
 
 
 def _split_list(value: str) -> list[str]:
