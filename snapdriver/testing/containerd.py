@@ -290,12 +290,14 @@ class Containerd:
         root: Path,
         proxies: Mapping[str, Path],
         *,
-        namespace: str = "default",
+        namespace: str | None = None,
         gc_deletion_threshold: int = 0,
     ) -> None:
         self.root = root
         self.proxies = dict(proxies)
-        self.namespace = namespace
+        # runc keeps state by namespace for every containerd on the host: never a shared name
+        # such as "default", whose containers close() would otherwise delete.
+        self.namespace = namespace or f"sd{os.getpid()}"
         self.gc_deletion_threshold = gc_deletion_threshold
         self.run_dir = RUN_ROOT / f"{os.getpid()}-{hashlib.sha256(bytes(root)).hexdigest()[:8]}"
         self.state = self.run_dir / "state"
@@ -304,7 +306,7 @@ class Containerd:
         self.opt = self.run_dir / "opt"
         self.config_path = self.run_dir / "config.toml"
         self.log_path = self.run_dir / "containerd.log"
-        self.namespaces = {namespace}
+        self.namespaces = {self.namespace}
         self._proc: subprocess.Popen[bytes] | None = None
 
     def config(self) -> str:
@@ -372,9 +374,17 @@ class Containerd:
         directories of the namespaces used."""
         self.stop()
         shutil.rmtree(self.run_dir, ignore_errors=True)
-        for namespace in self.namespaces:
+        for namespace in self.namespaces - {"default", "moby", "k8s.io"}:  # never shared ones
+            state = RUNC_ROOT / namespace
+            # Containers whose shim was killed above (a test that failed before removing them).
+            for container in state.iterdir() if state.is_dir() else ():
+                subprocess.run(
+                    ["runc", "--root", str(state), "delete", "--force", container.name],
+                    capture_output=True,
+                    check=False,
+                )
             with contextlib.suppress(OSError):
-                (RUNC_ROOT / namespace).rmdir()
+                state.rmdir()
 
     def restart(self) -> None:
         """containerd only: running shims and their containers live on, as in production."""
