@@ -66,6 +66,12 @@ class ArchiveError(SnapdriverError):
     status = 400
 
 
+class NoSpaceError(SnapdriverError):
+    """The filesystem or a quota is full (ENOSPC, EDQUOT); what was half made is gone again."""
+
+    status = 507
+
+
 class BackendError(SnapdriverError):
     """The storage backend failed (a filesystem or tool error)."""
 
