@@ -33,12 +33,13 @@ from snapdriver.errors import (
     LayerBusyError,
     LayerExistsError,
     LayerNotFoundError,
+    NoSpaceError,
     NotInitialisedError,
     RequestError,
     SnapdriverError,
 )
 from snapdriver.hookspec import BackendConfig, CreateRequest
-from snapdriver.layers.apply import apply_tar
+from snapdriver.layers.apply import UnpackNoSpaceError, apply_tar
 from snapdriver.layers.archive import export_changes, export_tree
 from snapdriver.layers.changes import Change, changes_size, walk_changes
 from snapdriver.layers.state import InitRecord, LayerRecord, LayerStore, Status
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 DEFAULT_ORPHAN_AGE = 600.0
 #: Seconds between a reference count changing and its write: one write for a burst of Get/Put.
 REFS_FLUSH_DELAY = 0.5
+#: Longest wait for the space of a removed layer to be free again before a reply.
+RECLAIM_TIMEOUT = 60.0
 
 
 def parse_options(options: Sequence[str]) -> dict[str, str]:
@@ -136,7 +139,10 @@ class Driver:
             raise ConfigError(f"Init Home must be an absolute path, got {home!r}")
         record = InitRecord(Path(home), tuple(options))
         await self._setup(record)
-        record.save(self.state_dir)
+        try:
+            record.save(self.state_dir)
+        except OSError as err:  # a full disk: serve now, resume needs a new Init after a restart
+            log.warning("cannot record this Init in %s: %s", self.state_dir, err)
 
     async def _setup(self, record: InitRecord) -> None:
         config = BackendConfig(record.home, parse_options(record.options), self.args)
@@ -154,14 +160,19 @@ class Driver:
         store = self.store
         removed = []
         known = {r.id: r for r in store.all()}
+        stored = set(await asyncio.to_thread(self.backend.layers))
         for record in known.values():
             if record.status in (Status.CREATING, Status.APPLYING, Status.REMOVING):
                 await self._destroy(record.id)
                 removed.append(record.id)
-        for layer in await asyncio.to_thread(self.backend.layers):
-            if layer not in known:
-                await asyncio.to_thread(self.backend.remove, layer)
-                removed.append(layer)
+            elif record.status == Status.READY and record.id not in stored:
+                # Removed while its record could not be written (a full disk), then a crash.
+                log.warning("layer %s is recorded, its storage gone: forgetting it", record.id)
+                store.delete(record.id)
+                removed.append(record.id)
+        for layer in sorted(stored - known.keys()):
+            await asyncio.to_thread(self.backend.remove, layer)
+            removed.append(layer)
         if removed:
             log.warning("removed %d half-made or unrecorded layers: %s", len(removed), removed)
         return removed
@@ -277,6 +288,9 @@ class Driver:
     def _set_refs(self, layer: str, refs: int) -> None:
         """dockerd's references: in memory now, on disk within :data:`REFS_FLUSH_DELAY`."""
         self.store.set_refs(layer, refs)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if self._refs_flush is None:
             loop = asyncio.get_running_loop()
             self._refs_flush = loop.call_later(REFS_FLUSH_DELAY, self._flush_refs)
@@ -287,10 +301,9 @@ class Driver:
             return
         try:
             self._store.flush_refs()
-        except sqlite3.Error as err:
-            log.warning("cannot write reference counts (will retry): %s", err)
-            loop = asyncio.get_running_loop()
-            self._refs_flush = loop.call_later(REFS_FLUSH_DELAY, self._flush_refs)
+        except (sqlite3.Error, NoSpaceError) as err:
+            log.warning("cannot write reference counts or deletions (will retry): %s", err)
+            self._schedule_flush()
 
     @contextlib.asynccontextmanager
     async def _mounted(self, *layers: str) -> AsyncIterator[list[Path]]:
@@ -310,12 +323,47 @@ class Driver:
                     await self._release_if_unused(layer)
 
     async def _destroy(self, layer: str) -> None:
-        """Unmount and remove from storage, then forget; the record goes last."""
-        self.store.set_status(layer, Status.REMOVING)
+        """Unmount and remove from storage, then forget; the record goes last.
+
+        On a full disk neither record write may stop the removal, which is what frees space:
+        without the ``removing`` mark a crash leaves a record without storage, which the next
+        start forgets; a deletion that cannot be written yet is written later.
+        """
+        try:
+            self.store.set_status(layer, Status.REMOVING)
+        except NoSpaceError as err:
+            log.warning("removing layer %s without marking it first: %s", layer, err)
         if layer in self._paths:
             await self._unmount(layer)
         await asyncio.to_thread(self.backend.remove, layer)
         self.store.delete(layer)
+        if self.store.deletions_pending():
+            await self._after_full_disk_removal()
+
+    async def _after_full_disk_removal(self) -> None:
+        """Reply once the space is free, as after a failed ApplyDiff; then write the deletion."""
+        await asyncio.to_thread(self.backend.reclaim, RECLAIM_TIMEOUT)
+        try:
+            self.store.flush_refs()
+        except NoSpaceError as err:
+            log.warning("deletions not written yet (will retry): %s", err)
+            self._schedule_flush()
+
+    async def _give_back(self, layer: str) -> None:
+        """After a full disk: remove the layer's storage and wait until its space is free.
+
+        The record stays, marked failed, for dockerd's Remove (which it sends next).
+        """
+        started = time.monotonic()
+        if layer in self._paths:
+            await self._unmount(layer)
+        await asyncio.to_thread(self.backend.remove, layer)
+        await asyncio.to_thread(self.backend.reclaim, RECLAIM_TIMEOUT)
+        log.info("space of layer %s given back in %.2f s", layer, time.monotonic() - started)
+        try:
+            self.store.set_status(layer, Status.FAILED)
+        except NoSpaceError as err:  # marked applying: the next start removes it
+            log.warning("layer %s not marked failed: %s", layer, err)
 
     # -- the GraphDriver operations ------------------------------------------------------------
 
@@ -331,15 +379,21 @@ class Driver:
                 await self._destroy(layer)  # a leftover of a crash or a failed ApplyDiff
             if parent:
                 self._require(parent)
-            self.store.add(layer, parent, quota)
             try:
-                request = CreateRequest(layer, parent, quota)
-                await asyncio.to_thread(self.backend.create, request)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await self._destroy(layer)
-                raise
+                await self._create(layer, parent, quota)
+            except NoSpaceError as err:
+                raise NoSpaceError(f"{_reason(err)} while creating layer {layer}") from err
+
+    async def _create(self, layer: str, parent: str | None, quota: int | None) -> None:
+        self.store.add(layer, parent, quota)
+        try:
+            request = CreateRequest(layer, parent, quota)
+            await asyncio.to_thread(self.backend.create, request)
             self.store.set_status(layer, Status.READY)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._destroy(layer)
+            raise
 
     async def remove(self, layer: str) -> None:
         async with self._locked(layer):
@@ -421,22 +475,44 @@ class Driver:
                 log.warning(
                     "ApplyDiff %s: parent %s differs from recorded %s", layer, parent, record.parent
                 )
-            self.store.set_status(layer, Status.APPLYING)
-            self._internal_refs[layer] += 1
             try:
-                layer_dir = await self._acquire(layer)
-                size = await asyncio.to_thread(apply_tar, layer_dir, stream)
+                self.store.set_status(layer, Status.APPLYING)
+                size = await self._apply(layer, stream)
+                self.store.set_status(layer, Status.READY)
+            except NoSpaceError as err:
+                await self._give_back(layer)
+                raise NoSpaceError(_apply_failure(err, layer)) from err
             except BaseException:
                 self.store.set_status(layer, Status.FAILED)
                 raise
-            finally:
-                self._internal_refs[layer] -= 1
-                with contextlib.suppress(SnapdriverError, OSError):
-                    await self._release_if_unused(layer)
-            self.store.set_status(layer, Status.READY)
             return size
+
+    async def _apply(self, layer: str, stream: IO[bytes]) -> int:
+        self._internal_refs[layer] += 1
+        try:
+            layer_dir = await self._acquire(layer)
+            return await asyncio.to_thread(apply_tar, layer_dir, stream)
+        finally:
+            self._internal_refs[layer] -= 1
+            with contextlib.suppress(SnapdriverError, OSError):
+                await self._release_if_unused(layer)
 
     @staticmethod
     def capabilities() -> dict[str, bool]:
         """Diffs are rebuilt from the files, not replayed, so they are not byte-exact."""
         return {"ReproducesExactDiffs": False}
+
+
+def _reason(err: NoSpaceError) -> str:
+    """Which limit was hit, in the words of ``strerror``."""
+    reason = getattr(err, "reason", "")
+    if reason:
+        return str(reason)
+    return "disk quota exceeded" if "quota" in str(err).lower() else "no space left on device"
+
+
+def _apply_failure(err: NoSpaceError, layer: str) -> str:
+    """One line: ``no space left on device while applying layer X after N bytes``."""
+    if isinstance(err, UnpackNoSpaceError):
+        return f"{err.reason} while applying layer {layer} after {err.unpacked} bytes"
+    return f"{_reason(err)} while applying layer {layer} (the layer record: {err})"

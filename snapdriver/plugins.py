@@ -115,6 +115,9 @@ class Backend:
     def unmount(self, layer: str) -> None:
         self._hook.snapdriver_unmount(layer=layer)
 
+    def reclaim(self, timeout: float) -> None:
+        self._hook.snapdriver_reclaim(timeout=timeout)
+
     def instant_mounts(self) -> bool:
         return bool(self._hook.snapdriver_instant_mounts())
 

@@ -257,10 +257,10 @@ class LayerStore:
             self._records.pop(layer, None)
             self._dirty_refs.discard(layer)
 
-    def pending(self) -> bool:
-        """True while some change is in memory only (reference counts, deletions)."""
+    def deletions_pending(self) -> bool:
+        """True while a deletion is in memory only (the disk was full)."""
         with self._lock:
-            return bool(self._dirty_refs or self._pending_deletes)
+            return bool(self._pending_deletes)
 
     def count(self) -> dict[Status, int]:
         with self._lock:

@@ -13,6 +13,7 @@ referenced bytes, when quotas are already enabled on the filesystem or the daemo
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import btrfsutil
 
-from snapdriver.errors import BackendError, ConfigError, QuotaNotSupportedError
+from snapdriver.errors import BackendError, ConfigError, NoSpaceError, QuotaNotSupportedError
 from snapdriver.hookspec import BackendConfig, CreateRequest, hookimpl
 from snapdriver.hostfs import mount_of
 from snapdriver.layers.changes import Change
@@ -113,6 +114,8 @@ class BtrfsBackend:
             else:
                 btrfsutil.create_snapshot(str(self.path(request.parent)), str(target))
         except btrfsutil.BtrfsUtilError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpaceError(f"{os.strerror(err.errno).lower()}: {err}") from err
             raise BackendError(f"cannot create subvolume {target}: {err}") from err
         if request.quota is not None:
             self._limit(target, request.quota)
@@ -160,6 +163,23 @@ class BtrfsBackend:
     def snapdriver_cleanup(self) -> None:
         if self._home is not None:
             self._reap_qgroups(wait=10)
+
+    @hookimpl
+    def snapdriver_reclaim(self, timeout: float) -> None:
+        """Wait for btrfs's cleaner to drop the deleted subvolumes, then commit what it freed.
+
+        A deleted subvolume's extents are freed by a kernel thread after the transaction that
+        deleted it commits; until the next commit after that, writes still find no space.
+        """
+        home = str(self.home)
+        deadline = time.monotonic() + timeout
+        try:
+            btrfsutil.sync(home)
+            while btrfsutil.deleted_subvolumes(home) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            btrfsutil.sync(home)
+        except btrfsutil.BtrfsUtilError as err:
+            log.warning("cannot wait for deleted subvolumes' space: %s", err)
 
     @hookimpl
     def snapdriver_remove(self, layer: str) -> None:
