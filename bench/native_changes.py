@@ -1,10 +1,10 @@
 """Benchmark: a backend's native Changes against Docker's tree walk, on a big layer.
 
-Through the Driver, as the plugin runs it: a parent layer of ``--files`` small files (graphtest's
-``directory-N/file-M``, 100 per directory), a child layer with ``--changed`` of them changed
-(appends, plus a chmod, a delete and a new file in every ten), both mounted with Get. Then the
-backend plugin's own ``snapdriver_changes`` hook (the core's walk fallback left out, so a native
-differ that declines is an error, not a silent walk) and ``walk_changes`` of the same two
+Through the graphdriver front, as the plugin runs it: a parent layer of ``--files`` small files
+(graphtest's ``directory-N/file-M``, 100 per directory), a child layer with ``--changed`` of them
+changed (appends, plus a chmod, a delete and a new file in every ten), both mounted with Get.
+Then the backend plugin's own ``snapdriver_changes`` hook (the core's walk fallback left out, so
+a native differ that declines is an error, not a silent walk) and ``walk_changes`` of the same two
 directories each run ``--runs`` times; both answers must be equal, the medians are printed.
 Warm by default (one untimed run first); ``--cold`` drops the page, dentry and inode caches before
 every run. Needs root. From the repository root, with the project venv:
@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from snapdriver.driver import Driver
+from snapdriver.graphdriver.driver import GraphDriver
 from snapdriver.layers.changes import Change, walk_changes
 from snapdriver.plugins import Backend, TreeWalkChanges
 from snapdriver.testing.conformance import add_many_files
@@ -46,7 +46,7 @@ NativeDiffer = Callable[[str, Path, str, Path], list[Change]]
 
 @dataclass
 class Storage:
-    """Where the Driver keeps its layers: its Home and the backend's command-line flags."""
+    """Where the GraphDriver keeps its layers: its Home and the backend's command-line flags."""
 
     home: Path
     flags: list[str]
@@ -134,7 +134,7 @@ def report(label: str, times: Sequence[float], how: str) -> float:
     return median
 
 
-async def layers(driver: Driver, files: int, changed: int) -> tuple[Path, Path]:
+async def layers(driver: GraphDriver, files: int, changed: int) -> tuple[Path, Path]:
     """Make the parent and the child and Get both: (child dir, parent dir)."""
     await driver.create("parent", None)
     parent_dir = await driver.get("parent")
@@ -152,7 +152,7 @@ async def bench(args: argparse.Namespace, storage: Storage, state: Path) -> None
     backend = Backend.load(args.backend)
     flags = argparse.ArgumentParser()
     backend.add_options(flags)
-    driver = Driver(backend, state, flags.parse_args(storage.flags))
+    driver = GraphDriver(backend, state, flags.parse_args(storage.flags))
     await driver.init(str(storage.home), [])
     try:
         child_dir, parent_dir = await layers(driver, args.files, args.changed)

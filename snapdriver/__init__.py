@@ -1,13 +1,18 @@
-"""snapdriver: Docker's GraphDriver plugin protocol in Python, with snapshot backends.
+"""snapdriver: container layers as filesystem snapshots, behind a pluggy backend contract.
 
 The public API: the hook contract (``hookimpl``, ``BackendConfig``, ``CreateRequest``), change
-lists (``Change``, ``ChangeKind``), the core (``Driver``, ``Backend``), the aiohttp application
-(``create_app``) and its listener (``serving``, ``Listen``), and the exception tree.
+lists (``Change``, ``ChangeKind``), the exception tree, the core (``Core``, ``Backend``), and the
+graphdriver front (``GraphDriver``, ``create_app``, ``serving``, ``Listen``, ``TLSFiles``).
+
+What a backend author imports (the contract, the errors, change lists) loads nothing heavy; the
+core and the fronts (aiohttp, SQLite, the tar code) are imported on first use of their names.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from snapdriver.driver import Driver
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from snapdriver.errors import (
     ArchiveError,
     BackendError,
@@ -16,6 +21,7 @@ from snapdriver.errors import (
     LayerBusyError,
     LayerExistsError,
     LayerNotFoundError,
+    NoSpaceError,
     NotInitialisedError,
     QuotaNotSupportedError,
     RequestError,
@@ -23,9 +29,33 @@ from snapdriver.errors import (
 )
 from snapdriver.hookspec import BackendConfig, CreateRequest, hookimpl
 from snapdriver.layers.changes import Change, ChangeKind
-from snapdriver.plugins import Backend
-from snapdriver.protocol.app import create_app
-from snapdriver.protocol.serve import Listen, TLSFiles, serving
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from snapdriver.core import Core
+    from snapdriver.graphdriver.app import create_app
+    from snapdriver.graphdriver.driver import GraphDriver
+    from snapdriver.graphdriver.serve import Listen, TLSFiles, serving
+    from snapdriver.plugins import Backend
+
+#: Names loaded on first use, and the module each comes from.
+_LAZY = {
+    "Backend": "snapdriver.plugins",
+    "Core": "snapdriver.core",
+    "GraphDriver": "snapdriver.graphdriver.driver",
+    "Listen": "snapdriver.graphdriver.serve",
+    "TLSFiles": "snapdriver.graphdriver.serve",
+    "create_app": "snapdriver.graphdriver.app",
+    "serving": "snapdriver.graphdriver.serve",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'snapdriver' has no attribute {name!r}")
+
 
 __all__ = [
     "ArchiveError",
@@ -36,12 +66,14 @@ __all__ = [
     "Change",
     "ChangeKind",
     "ConfigError",
+    "Core",
     "CreateRequest",
-    "Driver",
+    "GraphDriver",
     "LayerBusyError",
     "LayerExistsError",
     "LayerNotFoundError",
     "Listen",
+    "NoSpaceError",
     "NotInitialisedError",
     "QuotaNotSupportedError",
     "RequestError",

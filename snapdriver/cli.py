@@ -1,4 +1,7 @@
-"""``snapdriver``: run the GraphDriver plugin daemon for one backend.
+"""``snapdriver``: run a snapdriver daemon for one backend.
+
+``snapdriver --backend NAME`` serves Docker's GraphDriver plugin protocol; ``snapdriver sweep``
+asks a running plugin to reclaim orphan layers.
 
 Start-up problems end the process with one line on stderr and exit status 2 (bad usage or
 configuration) so a person or systemd sees what to fix; a running daemon never dies of a request.
@@ -11,20 +14,18 @@ import asyncio
 import grp
 import logging
 import re
-import resource
-import signal
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from snapdriver import __version__
-from snapdriver.driver import DEFAULT_ORPHAN_AGE, Driver
+from snapdriver.daemon import raise_open_file_limit, run
 from snapdriver.errors import SnapdriverError
+from snapdriver.graphdriver.client import PluginClient
+from snapdriver.graphdriver.driver import DEFAULT_ORPHAN_AGE, GraphDriver
+from snapdriver.graphdriver.front import GraphDriverFront
+from snapdriver.graphdriver.serve import PLUGIN_DIR, SPEC_DIR, Listen, TLSFiles
 from snapdriver.plugins import Backend, installed_backends
-from snapdriver.protocol.app import create_app
-from snapdriver.protocol.client import PluginClient
-from snapdriver.protocol.serve import PLUGIN_DIR, SPEC_DIR, Listen, TLSFiles, serving
 
 log = logging.getLogger("snapdriver")
 
@@ -177,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=args.log_level.upper(),
             format=f"snapdriver[{args.name}] %(levelname)s %(name)s: %(message)s",
         )
-        _raise_open_file_limit()
+        raise_open_file_limit()
         return asyncio.run(_serve(backend, args))
     except SnapdriverError as err:
         return _fail(str(err))
@@ -185,46 +186,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _raise_open_file_limit() -> None:
-    """Soft limit of open files up to the hard one, as Go programs (dockerd) do at start.
-
-    Removing a directory tree holds one descriptor per level, and a hostile layer can be a few
-    thousand levels deep; systemd's default soft limit is 1,024.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (OSError, ValueError) as err:
-            log.warning("cannot raise the open file limit from %d to %d: %s", soft, hard, err)
-
-
 async def _serve(backend: Backend, args: argparse.Namespace) -> int:
     state_dir = args.state_dir or Path("/var/lib/snapdriver") / args.name
-    listen = Listen.parse(args.listen) if args.listen else Listen.default(args.name)
-    # Long ApplyDiff and Diff calls each hold a worker thread; keep plenty for short calls.
-    asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(max_workers=32, thread_name_prefix="snapdriver")
-    )
-    driver = Driver(backend, state_dir, args)
-    await driver.resume()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    app = create_app(driver)
-    async with serving(
-        app,
+    front = GraphDriverFront(
+        GraphDriver(backend, state_dir, args),
         args.name,
-        listen,
+        Listen.parse(args.listen) if args.listen else Listen.default(args.name),
         group=_group(args.socket_group),
         tls=_tls(args),
         spec_dir=args.spec_dir,
-    ) as where:
-        log.info("serving backend %s on %s (state in %s)", backend.name, where, state_dir)
-        await stop.wait()
-    log.info("stopped")
-    return 0
+    )
+    return await run(front, f"backend {backend.name} to dockerd")
 
 
 if __name__ == "__main__":

@@ -5,28 +5,33 @@ A backend is a pluggy plugin (usually an object) registered under a name in the 
 the group ``snapdriver.plugins``, are all loaded and may wrap any hook (``@hookimpl(wrapper=True)``)
 for logging, metrics or policy, the way pytest plugins wrap pytest's hooks.
 
-The contract is storage primitives, not Docker's fifteen calls: make a layer from a parent, remove
-it, give its directory and release it, and, optionally, say what changed natively. The core
-(:mod:`snapdriver.driver`) builds Diff, DiffSize, ApplyDiff, reference counting, locking and the
-persisted layer record on top, once for every backend. The core calls each hook from a worker
+The contract is storage primitives, not any front's calls: make a layer from a parent, remove it,
+give its directory and release it, and, optionally, freeze it and say what changed natively. The
+core (:mod:`snapdriver.core`) builds Diff, DiffSize, ApplyDiff, Usage, reference counting, locking
+and the persisted layer record on top, once for every backend; the fronts (Docker's graphdriver
+protocol, containerd's snapshotter API) speak their wires over the core. The core calls each hook
+from a worker
 thread (except mount and unmount of a backend that declares them instant, see
 ``snapdriver_instant_mounts``), one call per layer at a time (calls for different layers run
 concurrently), and only for IDs that passed :func:`snapdriver.layers.ids.validate_layer_id`.
 
-Required hooks: ``snapdriver_setup``, ``snapdriver_create``, ``snapdriver_remove``,
-``snapdriver_mount``, ``snapdriver_unmount``, ``snapdriver_layers``. The rest have defaults.
+A backend must implement the hooks marked ``@required`` below (:data:`REQUIRED_HOOKS`); the
+rest have defaults. Hooks that return a value are ``firstresult`` (one answer); hooks that return
+nothing are called on every plugin that implements them.
 
 Errors: raise a subclass of :class:`snapdriver.errors.SnapdriverError` with a message a person
 can act on (``ConfigError`` in setup, ``QuotaNotSupportedError`` for an unenforceable size,
-``BackendError`` for storage failures); Docker shows the message to its user.
+``BackendError`` for storage failures, ``NoSpaceError`` when the filesystem is full); the front
+shows the message to its user.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pluggy
 
@@ -36,15 +41,28 @@ PROJECT = "snapdriver"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
+#: The hooks a backend must implement, in the order they are declared below.
+REQUIRED_HOOKS: list[str] = []
+
+
+_Hook = TypeVar("_Hook", bound=Callable[..., object])
+
+
+def required(func: _Hook) -> _Hook:
+    """Mark a hook as one every backend must implement (checked when the backend loads)."""
+    REQUIRED_HOOKS.append(func.__name__)
+    return func
+
 
 @dataclass(frozen=True)
 class BackendConfig:
     """What a backend is set up with.
 
-    ``home`` is Docker's Init ``Home`` (``<data-root>/<plugin name>``): the backend keeps its layers
-    under it or beside it. ``options`` are the daemon's ``--storage-opt`` pairs from Init, verbatim
-    (keys such as ``zfs.fsname``); a backend raises ``ConfigError`` for a key it owns but cannot
-    use. ``args`` holds the parsed command line, including the flags the backend added in
+    ``home`` is the directory the backend keeps its layers under or beside: Docker's Init ``Home``
+    (``<data-root>/<plugin name>``) for the graphdriver front, ``--root`` for the containerd front.
+    ``options`` are storage options, verbatim (dockerd's ``--storage-opt`` pairs from Init, keys
+    such as ``zfs.fsname``); a backend raises ``ConfigError`` for a key it owns but cannot use.
+    ``args`` holds the parsed command line, including the flags the backend added in
     ``snapdriver_addoption``.
     """
 
@@ -67,7 +85,8 @@ def snapdriver_addoption(parser: argparse.ArgumentParser) -> None:
     """Add command-line flags for this backend (called before the command line is parsed)."""
 
 
-@hookspec(firstresult=True)
+@required
+@hookspec
 def snapdriver_setup(config: BackendConfig) -> None:
     """Check and prepare storage for ``config.home``; raise ``ConfigError`` with a one-line reason.
 
@@ -76,7 +95,8 @@ def snapdriver_setup(config: BackendConfig) -> None:
     """
 
 
-@hookspec(firstresult=True)
+@required
+@hookspec
 def snapdriver_create(request: CreateRequest) -> None:
     """Make the layer: empty, or a writable copy-on-write child of ``request.parent``.
 
@@ -86,7 +106,8 @@ def snapdriver_create(request: CreateRequest) -> None:
     """
 
 
-@hookspec(firstresult=True)
+@required
+@hookspec
 def snapdriver_remove(layer: str) -> None:
     """Delete the layer and everything inside it (nested subvolumes, snapshots it owns).
 
@@ -94,6 +115,7 @@ def snapdriver_remove(layer: str) -> None:
     """
 
 
+@required
 @hookspec(firstresult=True)
 def snapdriver_mount(layer: str, mount_label: str) -> Path:
     """Make the layer's files visible and return its directory.
@@ -104,7 +126,8 @@ def snapdriver_mount(layer: str, mount_label: str) -> Path:
     raise NotImplementedError
 
 
-@hookspec(firstresult=True)
+@required
+@hookspec
 def snapdriver_unmount(layer: str) -> None:
     """Release what ``snapdriver_mount`` made (called when the last reference goes)."""
 
@@ -122,6 +145,7 @@ def snapdriver_instant_mounts() -> bool:
     raise NotImplementedError
 
 
+@required
 @hookspec(firstresult=True)
 def snapdriver_layers() -> Sequence[str]:
     """Every layer ID present in storage, complete or not (used to find leftovers and orphans)."""
@@ -138,6 +162,18 @@ def snapdriver_changes(
     be any ancestor, not only the direct parent. Return None to let the next implementation answer;
     the core's two-tree walk answers last. A native differ should judge its candidate paths with
     :func:`snapdriver.layers.changes.changes_from_candidates` so its output equals the walk's.
+    """
+
+
+@hookspec
+def snapdriver_commit(layer: str) -> None:
+    """Freeze the layer: it will never be written again, and children will be made from it.
+
+    A front calls this when a writable layer becomes an immutable one (containerd's Commit).
+    Optional: without it, the core alone keeps the layer unchanged (it hands out no writable
+    directory of a frozen layer). A backend that can enforce it natively should (btrfs: a
+    read-only subvolume, which ``btrfs send`` can then read without a scratch snapshot; ZFS: the
+    ``readonly`` property). Must be idempotent: after a crash the core freezes again.
     """
 
 

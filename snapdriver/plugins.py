@@ -11,20 +11,12 @@ import pluggy
 
 from snapdriver import hookspec
 from snapdriver.errors import BackendError, BackendLoadError
-from snapdriver.hookspec import BackendConfig, CreateRequest, hookimpl
+from snapdriver.hookspec import REQUIRED_HOOKS, BackendConfig, CreateRequest, hookimpl
 from snapdriver.layers.changes import Change, walk_changes
 
 BACKEND_GROUP = "snapdriver.backends"
 PLUGIN_GROUP = "snapdriver.plugins"
 BACKEND_PLUGIN_NAME = "backend"
-REQUIRED_HOOKS = (
-    "snapdriver_setup",
-    "snapdriver_create",
-    "snapdriver_remove",
-    "snapdriver_mount",
-    "snapdriver_unmount",
-    "snapdriver_layers",
-)
 
 
 class TreeWalkChanges:
@@ -114,6 +106,9 @@ class Backend:
 
     def unmount(self, layer: str) -> None:
         self._hook.snapdriver_unmount(layer=layer)
+
+    def commit(self, layer: str) -> None:
+        self._hook.snapdriver_commit(layer=layer)
 
     def reclaim(self, timeout: float) -> None:
         self._hook.snapdriver_reclaim(timeout=timeout)

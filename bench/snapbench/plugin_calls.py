@@ -21,7 +21,7 @@ from pathlib import Path
 from snapbench import results as m
 from snapbench.config import Config
 from snapbench.env import vm_hwm_kib
-from snapdriver.protocol.client import PluginClient
+from snapdriver.graphdriver.client import PluginClient
 from snapdriver.testing.process import PluginProcess
 
 Record = Callable[[m.Metric, float], None]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from multiprocessing.synchronize import Barrier
 from typing import Any
 
-from snapdriver.protocol.client import ACCEPT, PluginClient, unix_path
+from snapdriver.graphdriver.client import ACCEPT, PluginClient, unix_path
 
 WARM_UP = 5
 #: How long a client waits for one reply (and the others for the clients' warm-up) at most.

@@ -1,13 +1,12 @@
-"""The persisted record of layers, and of the last Init.
+"""The persisted record of layers.
 
-dockerd sends no new Activate or Init to a plugin that restarted under it, so everything the
-plugin needs to carry on lives on disk: which Home it serves (``init.json`` in the state
-directory) and which layers exist, their parents, whether they are complete and how many
-references dockerd holds (``snapdriver.db`` in Home, SQLite in WAL mode with an exclusive lock, so
-no other process can write it and its wal-index lives in this process's memory: no file on the
-layer filesystem is ever mmapped). A layer is recorded as
-``creating`` before the backend makes it and as ``ready`` only after; anything not ``ready`` at
-start-up is a leftover of a crash.
+Everything the core needs to carry on after a restart lives on disk, in ``snapdriver.db`` in the
+backend's Home (SQLite in WAL mode with an exclusive lock, so no other process can write it and
+its wal-index lives in this process's memory: no file on the layer filesystem is ever mmapped):
+which layers exist, their parents, whether they are complete or frozen, and how many references
+the front holds. A layer is recorded as ``creating`` before the backend makes it and as ``ready``
+only after; anything not ``ready`` at start-up is a leftover of a crash. A layer is marked frozen
+only after the backend froze it.
 
 Every change to which layers exist and what state they are in is its own committed transaction
 before the call returns. Reference counts change on every Get and Put, the plugin's hottest
@@ -26,9 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import logging
-import os
 import shutil
 import sqlite3
 import tempfile
@@ -40,12 +37,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from snapdriver.errors import ConfigError, NoSpaceError
+from snapdriver.errors import NoSpaceError
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "snapdriver.db"
-INIT_NAME = "init.json"
 
 
 class Status(enum.StrEnum):
@@ -64,41 +60,7 @@ class LayerRecord:
     quota: int | None = None
     refs: int = 0
     created: float = 0.0
-
-
-@dataclass(frozen=True)
-class InitRecord:
-    """The last Init dockerd sent: enough to resume after a plugin restart."""
-
-    home: Path
-    options: tuple[str, ...] = ()
-
-    def save(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        data = {"home": str(self.home), "options": list(self.options)}
-        _atomic_write(state_dir / INIT_NAME, json.dumps(data, indent=1).encode())
-
-    @classmethod
-    def load(cls, state_dir: Path) -> InitRecord | None:
-        path = state_dir / INIT_NAME
-        try:
-            data = json.loads(path.read_bytes())
-            return cls(Path(data["home"]), tuple(data.get("options") or ()))
-        except FileNotFoundError:
-            return None
-        except (ValueError, KeyError, TypeError) as err:
-            raise ConfigError(
-                f"{path} is unreadable ({err}); remove it and restart dockerd"
-            ) from err
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    frozen: bool = False
 
 
 _SCHEMA = """
@@ -108,11 +70,12 @@ CREATE TABLE IF NOT EXISTS layers (
     status TEXT NOT NULL,
     quota INTEGER,
     refs INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    frozen INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS layers_parent ON layers(parent);
 """
-_COLUMNS = "id, parent, status, quota, refs, created"
+_COLUMNS = "id, parent, status, quota, refs, created, frozen"
 
 
 class LayerStore:
@@ -134,6 +97,7 @@ class LayerStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             if not self._has_schema():  # only a new record is written to at open
                 self._db.executescript(_SCHEMA)
+            self._migrate()
             rows = self._db.execute(f"SELECT {_COLUMNS} FROM layers").fetchall()
         except sqlite3.Error as err:
             self._db.close()
@@ -148,6 +112,12 @@ class LayerStore:
     def _has_schema(self) -> bool:
         query = "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'layers'"
         return bool(self._db.execute(query).fetchone()[0])
+
+    def _migrate(self) -> None:
+        """A record written before layers could be frozen gains the column (none is frozen)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(layers)")}
+        if "frozen" not in columns:
+            self._db.execute("ALTER TABLE layers ADD COLUMN frozen INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         """Write pending reference counts and deletions, then close the database."""
@@ -201,11 +171,11 @@ class LayerStore:
     def add(self, layer: str, parent: str | None, quota: int | None) -> None:
         """Record a new layer as ``creating`` (replacing any record of the same ID)."""
         record = LayerRecord(layer, parent, Status.CREATING, quota, 0, time.time())
-        row = (layer, parent, record.status, quota, record.refs, record.created)
+        row = (layer, parent, record.status, quota, record.refs, record.created, False)
         with self._lock:
             with self._tx() as db:
                 db.execute(
-                    f"INSERT OR REPLACE INTO layers ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", row
+                    f"INSERT OR REPLACE INTO layers ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", row
                 )
             self._records[layer] = record
             self._dirty_refs.discard(layer)
@@ -219,13 +189,21 @@ class LayerStore:
             if record is not None:
                 self._records[layer] = dataclasses.replace(record, status=status)
 
+    def set_frozen(self, layer: str) -> None:
+        with self._lock:
+            with self._tx() as db:
+                db.execute("UPDATE layers SET frozen = 1 WHERE id = ?", (layer,))
+            record = self._records.get(layer)
+            if record is not None:
+                self._records[layer] = dataclasses.replace(record, frozen=True)
+
     def set_refs(self, layer: str, refs: int) -> None:
         """In memory now, on disk at the next :meth:`flush_refs`."""
         with self._lock:
             r = self._records.get(layer)
             if r is not None:
                 # Spelled out: on every Get and Put, dataclasses.replace costs several times this.
-                record = LayerRecord(r.id, r.parent, r.status, r.quota, refs, r.created)
+                record = LayerRecord(r.id, r.parent, r.status, r.quota, refs, r.created, r.frozen)
                 self._records[layer] = record
                 self._dirty_refs.add(layer)
 
@@ -304,6 +282,6 @@ def read_copy(home: Path) -> list[LayerRecord]:
     return [_record(row) for row in rows]
 
 
-def _record(row: tuple[str, str | None, str, int | None, int, float]) -> LayerRecord:
-    layer, parent, status, quota, refs, created = row
-    return LayerRecord(layer, parent, Status(status), quota, refs, created)
+def _record(row: tuple[str, str | None, str, int | None, int, float, int]) -> LayerRecord:
+    layer, parent, status, quota, refs, created, frozen = row
+    return LayerRecord(layer, parent, Status(status), quota, refs, created, bool(frozen))

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from snapdriver.protocol.client import PluginCallError, PluginClient
+from snapdriver.graphdriver.client import PluginCallError, PluginClient
 from snapdriver.testing.process import PluginProcess
 
 MiB = 1 << 20

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from snapdriver.protocol.client import PluginClient
-from snapdriver.protocol.serve import bind_unix_socket
+from snapdriver.graphdriver.client import PluginClient
+from snapdriver.graphdriver.serve import bind_unix_socket
 
 #: Unix sockets of the plugins this process started, for leak checks.
 SOCKETS: list[Path] = []

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from snapdriver.protocol.client import PluginClient
+from snapdriver.graphdriver.client import PluginClient
 from snapdriver.testing.process import PluginProcess
 
 

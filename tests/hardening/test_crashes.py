@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 from snapdriver_zfs.testing import everything_below, scratch_root, skip_without_zfs
 
-from snapdriver.driver import REFS_FLUSH_DELAY
+from snapdriver.core import REFS_FLUSH_DELAY
+from snapdriver.graphdriver.client import PluginCallError, PluginClient
 from snapdriver.layers.state import read_copy
-from snapdriver.protocol.client import PluginCallError, PluginClient
 from snapdriver.testing.conformance import Plugin, random_content
 from snapdriver.testing.process import ForkedPluginProcess
 

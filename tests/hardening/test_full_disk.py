@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from snapdriver.protocol.client import PluginCallError
+from snapdriver.graphdriver.client import PluginCallError
 from snapdriver.testing.conformance import Plugin, new_id
 from snapdriver.testing.loopfs import can_make_loop_filesystems, loop_filesystem, sweep_stale
 from snapdriver.testing.process import PluginProcess

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from snapdriver.protocol.client import PluginClient
+from snapdriver.graphdriver.client import PluginClient
 from snapdriver.testing.process import PluginProcess
 
 ENDPOINTS = [

@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 from snapdriver_btrfs.testing import layer_subvolumes, quotas_enabled, stale_qgroups
 
-from snapdriver.protocol.client import PluginCallError
+from snapdriver.graphdriver.client import PluginCallError
 from snapdriver.testing.dockerd import Dockerd
 from snapdriver.testing.process import PluginProcess
 

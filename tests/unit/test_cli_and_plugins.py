@@ -12,8 +12,8 @@ import pytest
 
 from snapdriver import hookimpl
 from snapdriver.errors import BackendLoadError, ConfigError
+from snapdriver.graphdriver.serve import Listen, prepare_unix_socket
 from snapdriver.plugins import Backend, load_plugin_manager
-from snapdriver.protocol.serve import Listen, prepare_unix_socket
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -134,9 +134,40 @@ def _config(home: Path):  # type: ignore[no-untyped-def]
 def test_home_not_on_btrfs_is_a_clear_init_error(tmp_path: Path) -> None:
     import asyncio
 
-    from snapdriver.driver import Driver
+    from snapdriver.graphdriver.driver import GraphDriver
 
-    driver = Driver(Backend.load("btrfs"), tmp_path / "state")
+    driver = GraphDriver(Backend.load("btrfs"), tmp_path / "state")
     with pytest.raises(ConfigError, match="is not on btrfs"):
         asyncio.run(driver.init(str(tmp_path / "home"), []))
     assert not (tmp_path / "state" / "init.json").exists(), "a failed Init must not be recorded"
+
+
+def test_required_hooks_are_named_once_by_the_contract() -> None:
+    from snapdriver import hookspec
+
+    marked = [name for name in dir(hookspec) if name in hookspec.REQUIRED_HOOKS]
+    assert sorted(marked) == sorted(hookspec.REQUIRED_HOOKS)
+    assert "snapdriver_commit" not in hookspec.REQUIRED_HOOKS, "third-party backends lack it"
+    with pytest.raises(BackendLoadError, match="snapdriver_mount"):
+        load_plugin_manager(Incomplete())
+
+
+def test_a_recorded_init_that_cannot_resume_still_serves(tmp_path: Path) -> None:
+    """A Home recorded earlier that is not on btrfs now: log, serve, say why, take a new Init."""
+    import asyncio
+
+    from snapdriver.errors import NotInitialisedError
+    from snapdriver.graphdriver.driver import GraphDriver, InitRecord
+
+    state = tmp_path / "state"
+    InitRecord(tmp_path / "gone" / "home").save(state)
+    driver = GraphDriver(Backend.load("btrfs"), state)
+
+    async def scenario() -> None:
+        assert await driver.resume() is False
+        with pytest.raises(NotInitialisedError, match="recorded Init could not be resumed"):
+            await driver.exists("a" * 64)
+        assert ("Backend", "btrfs") in await driver.status(), "Status answers without a Home"
+
+    asyncio.run(scenario())
+    assert (state / "init.json").exists(), "the record stays until dockerd sends a new Init"

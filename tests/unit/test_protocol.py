@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from snapdriver.driver import Driver
 from snapdriver.errors import RequestError
+from snapdriver.graphdriver.app import create_app
+from snapdriver.graphdriver.driver import GraphDriver
+from snapdriver.graphdriver.types import InitRequest, LayerRequest
 from snapdriver.plugins import Backend
-from snapdriver.protocol.app import create_app
-from snapdriver.protocol.types import InitRequest, LayerRequest
 
 ID = "a" * 64
 Client = TestClient[Any, Any]
@@ -26,7 +26,7 @@ def run(coro: object) -> object:
 
 async def with_client(tmp_path: Path, scenario: object) -> object:
     backend = Backend.load("copydir")
-    app = create_app(Driver(backend, tmp_path / "state"))
+    app = create_app(GraphDriver(backend, tmp_path / "state"))
     async with TestClient(TestServer(app)) as client:
         return await scenario(client)  # type: ignore[operator]
 

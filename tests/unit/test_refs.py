@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from snapdriver import BackendConfig, CreateRequest, hookimpl
-from snapdriver.driver import REFS_FLUSH_DELAY, Driver
+from snapdriver.core import REFS_FLUSH_DELAY
+from snapdriver.graphdriver.driver import GraphDriver
 from snapdriver.layers.state import LayerStore, Status, read_copy
 from snapdriver.plugins import Backend
 
@@ -99,7 +100,7 @@ def test_get_put_mount_on_the_loop_only_for_instant_mounts(tmp_path: Path, insta
     backend = DirBackend(instant)
 
     async def scenario() -> None:
-        driver = Driver(Backend.load(backend), tmp_path / "state")
+        driver = GraphDriver(Backend.load(backend), tmp_path / "state")
         await driver.init(str(tmp_path / "home"), [])
         await driver.create(ID, None)
         path = await driver.get(ID)
@@ -117,7 +118,7 @@ def test_driver_writes_refs_behind_and_at_close(tmp_path: Path) -> None:
     home = tmp_path / "home"
 
     async def scenario() -> None:
-        driver = Driver(Backend.load(DirBackend(True)), tmp_path / "state")
+        driver = GraphDriver(Backend.load(DirBackend(True)), tmp_path / "state")
         await driver.init(str(home), [])
         await driver.create(ID, None)
         await driver.get(ID)

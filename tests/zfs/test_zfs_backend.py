@@ -18,8 +18,8 @@ from snapdriver_zfs import ZfsBackend
 from snapdriver_zfs.backend import OWNER, TRASH_PREFIX
 from snapdriver_zfs.testing import Lab, everything_below, zfs
 
-from snapdriver.driver import Driver
 from snapdriver.errors import BackendError, ConfigError, LayerNotFoundError
+from snapdriver.graphdriver.driver import GraphDriver
 from snapdriver.hookspec import BackendConfig, CreateRequest
 from snapdriver.hostfs import mounts
 from snapdriver.layers.changes import ChangeKind, changes_size, walk_changes
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.zfs
 MiB = 1 << 20
 
 
-def backend_of(driver: Driver) -> ZfsBackend:
+def backend_of(driver: GraphDriver) -> ZfsBackend:
     plugin = driver.backend.pm.get_plugin("backend")
     assert isinstance(plugin, ZfsBackend)
     return plugin
@@ -85,7 +85,7 @@ def test_root_from_the_dataset_mounted_at_home(lab: Lab, tmp_path: Path) -> None
 
 
 def test_create_clone_writable_and_isolated(lab: Lab) -> None:
-    async def body(driver: Driver) -> None:
+    async def body(driver: GraphDriver) -> None:
         await driver.create("base", None)
         base = await driver.get("base")
         (base / "hello").write_text("from base\n")
@@ -113,12 +113,12 @@ def test_create_clone_writable_and_isolated(lab: Lab) -> None:
     lab.session(body)
 
 
-async def lab_layers(driver: Driver) -> list[str]:
+async def lab_layers(driver: GraphDriver) -> list[str]:
     return backend_of(driver).snapdriver_layers()  # type: ignore[return-value]
 
 
 def test_nested_get_put_mounts_once(lab: Lab) -> None:
-    async def body(driver: Driver) -> None:
+    async def body(driver: GraphDriver) -> None:
         await driver.create("layer", None)
         first = await driver.get("layer")
         second = await driver.get("layer")
@@ -139,7 +139,7 @@ def test_nested_get_put_mounts_once(lab: Lab) -> None:
 def test_mounting_an_already_mounted_layer_succeeds(lab: Lab) -> None:
     """A plugin restart forgets its mounts but the kernel does not."""
 
-    async def body(driver: Driver) -> None:
+    async def body(driver: GraphDriver) -> None:
         await driver.create("layer", None)
         backend = backend_of(driver)
         path = backend.snapdriver_mount("layer", "")
@@ -152,7 +152,7 @@ def test_mounting_an_already_mounted_layer_succeeds(lab: Lab) -> None:
 
 
 def test_unknown_ids(lab: Lab) -> None:
-    async def body(driver: Driver) -> None:
+    async def body(driver: GraphDriver) -> None:
         backend = backend_of(driver)
         backend.snapdriver_remove("nosuch")
         await driver.remove("nosuch")
@@ -166,7 +166,7 @@ def test_unknown_ids(lab: Lab) -> None:
 
 
 def test_remove_refuses_a_layer_with_clones(lab: Lab) -> None:
-    async def body(driver: Driver) -> None:
+    async def body(driver: GraphDriver) -> None:
         await driver.create("base", None)
         await driver.create("child", "base")
         with pytest.raises(BackendError, match="child"):
@@ -179,7 +179,7 @@ def test_remove_refuses_a_layer_with_clones(lab: Lab) -> None:
 
 
 def test_remove_leaves_nothing(lab: Lab) -> None:
-    async def body(driver: Driver) -> None:
+    async def body(driver: GraphDriver) -> None:
         await driver.create("base", None)
         await driver.create("mid", "base")
         await driver.create("top", "mid")
@@ -201,7 +201,7 @@ def test_remove_leaves_nothing(lab: Lab) -> None:
 def test_remove_while_a_process_sits_in_the_layer(lab: Lab) -> None:
     """Remove succeeds; the dataset is set aside and destroyed once the process has gone."""
 
-    async def body(driver: Driver) -> None:
+    async def body(driver: GraphDriver) -> None:
         await driver.create("base", None)
         await driver.create("busy", "base")
         path = await driver.get("busy")
@@ -225,7 +225,7 @@ def test_remove_while_a_process_sits_in_the_layer(lab: Lab) -> None:
 
 
 def test_remove_waits_out_a_short_busy_spell(lab: Lab) -> None:
-    async def body(driver: Driver) -> None:
+    async def body(driver: GraphDriver) -> None:
         await driver.create("layer", None)
         path = await driver.get("layer")
         holder = subprocess.Popen(["sleep", "0.3"], cwd=path)
@@ -241,7 +241,7 @@ def test_remove_waits_out_a_short_busy_spell(lab: Lab) -> None:
 def test_remove_while_still_mounted_elsewhere(lab: Lab, tmp_path: Path) -> None:
     """A mount the core does not know about (a crash, an admin) is detached, not an error."""
 
-    async def body(driver: Driver) -> None:
+    async def body(driver: GraphDriver) -> None:
         await driver.create("layer", None)
         other = tmp_path / "other"
         other.mkdir()
@@ -259,7 +259,7 @@ def test_remove_while_still_mounted_elsewhere(lab: Lab, tmp_path: Path) -> None:
 def test_create_replaces_a_leftover_snapshot(lab: Lab) -> None:
     """A crash between snapshot and clone leaves ``<parent>@<child>``; Create must still work."""
 
-    async def body(driver: Driver) -> None:
+    async def body(driver: GraphDriver) -> None:
         await driver.create("base", None)
         zfs("snapshot", f"{lab.root}/base@child")
         await driver.create("child", "base")
@@ -277,7 +277,7 @@ def test_remove_drops_a_leftover_snapshot(lab: Lab) -> None:
     zfs("snapshot", f"{foreign}@child")
     try:
 
-        async def body(driver: Driver) -> None:
+        async def body(driver: GraphDriver) -> None:
             await driver.create("base", None)
             zfs("snapshot", f"{lab.root}/base@child")
             backend_of(driver).snapdriver_remove("child")
@@ -289,7 +289,7 @@ def test_remove_drops_a_leftover_snapshot(lab: Lab) -> None:
 
 
 def test_create_replaces_a_leftover_dataset(lab: Lab) -> None:
-    async def body(driver: Driver) -> None:
+    async def body(driver: GraphDriver) -> None:
         backend = backend_of(driver)
         # What a crash after the backend's create but before the record says READY leaves.
         backend.snapdriver_create(CreateRequest("again", None))
@@ -304,9 +304,9 @@ def test_create_replaces_a_leftover_dataset(lab: Lab) -> None:
 
 
 def test_recover_removes_unrecorded_layers(lab: Lab) -> None:
-    async def body(driver: Driver) -> None:
+    async def body(driver: GraphDriver) -> None:
         backend_of(driver).snapdriver_create(CreateRequest("orphan", None))
-        assert await driver.recover() == ["orphan"]
+        assert await driver.core.recover() == ["orphan"]
         assert everything_below(lab.root) == []
 
     lab.session(body)
@@ -317,7 +317,7 @@ def test_foreign_datasets_are_never_touched(lab: Lab) -> None:
     zfs("create", "-o", "mountpoint=legacy", foreign)
     try:
 
-        async def body(driver: Driver) -> None:
+        async def body(driver: GraphDriver) -> None:
             assert "foreign" not in await lab_layers(driver)
             with pytest.raises(BackendError, match="not made by snapdriver"):
                 await driver.create("foreign", None)
@@ -343,7 +343,7 @@ def fill(path: Path, total: int) -> None:
 
 @pytest.mark.parametrize("parent", [None, "base"])
 def test_quota_is_enforced(lab: Lab, parent: str | None) -> None:
-    async def body(driver: Driver) -> None:
+    async def body(driver: GraphDriver) -> None:
         if parent:
             await driver.create(parent, None)
         await driver.create("limited", parent, {"size": "16M"})
@@ -364,7 +364,7 @@ def test_quota_is_enforced(lab: Lab, parent: str | None) -> None:
 
 
 def test_changes_diff_size_and_apply_diff(lab: Lab) -> None:
-    async def body(driver: Driver) -> None:
+    async def body(driver: GraphDriver) -> None:
         await driver.create("base", None)
         files = {"etc/hosts": b"127.0.0.1 localhost\n", "etc/keep": b"keep\n", "bin/sh": b"#!"}
         await driver.apply_diff("base", None, tar_of(files))
@@ -393,7 +393,7 @@ def test_changes_diff_size_and_apply_diff(lab: Lab) -> None:
 
 
 def test_changes_against_an_older_ancestor_falls_back(lab: Lab) -> None:
-    async def body(driver: Driver) -> None:
+    async def body(driver: GraphDriver) -> None:
         await driver.create("a", None)
         await driver.create("b", "a")
         await driver.create("c", "b")
@@ -410,7 +410,7 @@ def test_changes_against_an_older_ancestor_falls_back(lab: Lab) -> None:
 def test_hard_links(lab: Lab) -> None:
     """A new link to an unchanged file is found natively; a changed linked file walks."""
 
-    async def body(driver: Driver) -> None:
+    async def body(driver: GraphDriver) -> None:
         await driver.create("base", None)
         base = await driver.get("base")
         (base / "d1").mkdir()
@@ -436,7 +436,7 @@ def test_hard_links(lab: Lab) -> None:
 def test_changed_parent_falls_back(lab: Lab) -> None:
     """The answer is against the parent as it is now; a parent written after the clone walks."""
 
-    async def body(driver: Driver) -> None:
+    async def body(driver: GraphDriver) -> None:
         await driver.create("base", None)
         base = await driver.get("base")
         (base / "f").write_text("1")
@@ -454,7 +454,7 @@ def test_changed_parent_falls_back(lab: Lab) -> None:
 
 
 def test_status_and_nothing_left(lab: Lab) -> None:
-    async def body(driver: Driver) -> None:
+    async def body(driver: GraphDriver) -> None:
         status = dict(await driver.status())
         assert status["Backend"] == "ZfsBackend"
         assert status["Parent Dataset"] == lab.root

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from snapdriver_zfs import ZfsBackend
 from snapdriver_zfs.testing import Lab, remove_all
 
-from snapdriver.driver import Driver
+from snapdriver.graphdriver.driver import GraphDriver
 from snapdriver.layers.changes import walk_changes
 
 EXAMPLES = int(os.environ.get("SNAPDRIVER_ZFS_EXAMPLES", "30"))
@@ -203,7 +203,7 @@ def test_native_changes_equal_the_walk(lab: Lab) -> None:
 
 
 async def example(
-    driver: Driver,
+    driver: GraphDriver,
     plugin: ZfsBackend,
     n: int,
     ops: tuple[list[Op], list[Op]],

@@ -188,6 +188,17 @@ class BtrfsBackend:
             self._delete(target)
 
     @hookimpl
+    def snapdriver_commit(self, layer: str) -> None:
+        """Frozen natively: a read-only subvolume, which ``btrfs send`` reads as it is (no
+        scratch snapshot for Changes or Usage); snapshots of it are writable as usual."""
+        target = str(self.path(layer))
+        try:
+            if not btrfsutil.get_subvolume_read_only(target):
+                btrfsutil.set_subvolume_read_only(target, True)
+        except btrfsutil.BtrfsUtilError as err:
+            raise BackendError(f"cannot make subvolume {target} read-only: {err}") from err
+
+    @hookimpl
     def snapdriver_mount(self, layer: str, mount_label: str) -> Path:
         target = self.path(layer)
         if not target.is_dir():
@@ -250,6 +261,10 @@ def _delete_tree(path: Path) -> list[int]:
             ids = [btrfsutil.subvolume_id(str(path))]
             with btrfsutil.SubvolumeIterator(str(path)) as nested:
                 ids += [subvol_id for _, subvol_id in nested]
+            if len(ids) > 1 and btrfsutil.get_subvolume_read_only(str(path)):
+                # A nested subvolume is unlinked from its parent's directory: a frozen
+                # (read-only) parent would refuse that with EROFS.
+                btrfsutil.set_subvolume_read_only(str(path), False)
             btrfsutil.delete_subvolume(str(path), recursive=True)
             return ids
     except btrfsutil.BtrfsUtilError as err:

@@ -322,6 +322,16 @@ class ZfsBackend:
         return True
 
     @hookimpl
+    def snapdriver_commit(self, layer: str) -> None:
+        """Frozen natively: ``readonly=on`` (no copy); its mount, if any, turns read-only too."""
+        dataset = self.dataset(layer)
+        try:
+            if self._zfs.get(dataset, "readonly").get("readonly") != "on":
+                self._zfs.set(dataset, {"readonly": "on"})
+        except ZfsError as err:
+            raise BackendError(f"cannot make {dataset} read-only: {err}") from err
+
+    @hookimpl
     def snapdriver_layers(self) -> Sequence[str]:
         try:
             rows = self._zfs.children(self.root, OWNER)

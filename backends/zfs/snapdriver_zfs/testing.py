@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import pytest
 
-from snapdriver.driver import Driver
+from snapdriver.graphdriver.driver import GraphDriver
 from snapdriver.hostfs import mounts
 from snapdriver.plugins import Backend
 from snapdriver_zfs import ZfsBackend
@@ -124,13 +124,15 @@ class Lab:
     state: Path
     loop: asyncio.AbstractEventLoop
 
-    def driver(self) -> Driver:
-        return Driver(Backend.load(ZfsBackend()), self.state, argparse.Namespace(dataset=self.root))
+    def driver(self) -> GraphDriver:
+        return GraphDriver(
+            Backend.load(ZfsBackend()), self.state, argparse.Namespace(dataset=self.root)
+        )
 
     def run(self, coro: Awaitable[T]) -> T:
         return self.loop.run_until_complete(coro)
 
-    def session(self, body: Callable[[Driver], Awaitable[T]]) -> T:
+    def session(self, body: Callable[[GraphDriver], Awaitable[T]]) -> T:
         """Init a fresh driver, run ``body``, then remove every layer it left."""
 
         async def main() -> T:
@@ -145,9 +147,9 @@ class Lab:
         return self.run(main())
 
 
-async def remove_all(driver: Driver) -> None:
+async def remove_all(driver: GraphDriver) -> None:
     """Release and remove every recorded layer, children first."""
-    records = driver.store.all()
+    records = driver.core.records()
     for record in records:
         for _ in range(record.refs):
             await driver.put(record.id)

@@ -248,6 +248,10 @@ class Zfs:
                 if not err.missing:
                     raise
 
+    def set(self, name: str, props: Mapping[str, str]) -> None:
+        """Set properties of an existing dataset (libzfs_core has no call for it)."""
+        self.run("set", *(f"{k}={v}" for k, v in props.items()), name)
+
     def rename(self, name: str, new_name: str) -> None:
         """Rename a filesystem or snapshot (works while a detached mount still holds it)."""
         self.run("rename", name, new_name)

@@ -24,9 +24,21 @@ from typing import Any
 
 from aiohttp import web
 
-from snapdriver.driver import DEFAULT_ORPHAN_AGE, Driver
-from snapdriver.errors import RequestError, SnapdriverError
-from snapdriver.protocol.types import (
+from snapdriver.errors import (
+    ArchiveError,
+    BackendError,
+    ConfigError,
+    LayerBusyError,
+    LayerExistsError,
+    LayerNotFoundError,
+    NoSpaceError,
+    NotInitialisedError,
+    QuotaNotSupportedError,
+    RequestError,
+    SnapdriverError,
+)
+from snapdriver.graphdriver.driver import DEFAULT_ORPHAN_AGE, GraphDriver
+from snapdriver.graphdriver.types import (
     CONTENT_TYPE,
     MANIFEST,
     InitRequest,
@@ -38,7 +50,7 @@ from snapdriver.protocol.types import (
 from snapdriver.streams import ThreadReader
 
 log = logging.getLogger(__name__)
-DRIVER = web.AppKey("driver", Driver)
+DRIVER = web.AppKey("driver", GraphDriver)
 routes = web.RouteTableDef()
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -57,8 +69,27 @@ async def _layer_request(request: web.Request) -> LayerRequest:
     return LayerRequest.decode(decode_object(await request.read()))
 
 
-def _driver(request: web.Request) -> Driver:
+def _driver(request: web.Request) -> GraphDriver:
     return request.app[DRIVER]
+
+
+#: The HTTP status of each kind of error; the nearest class in an error's MRO decides.
+STATUS: dict[type[SnapdriverError], int] = {
+    ConfigError: 400,
+    RequestError: 400,
+    QuotaNotSupportedError: 400,
+    ArchiveError: 400,
+    LayerNotFoundError: 404,
+    LayerExistsError: 409,
+    LayerBusyError: 409,
+    NotInitialisedError: 503,
+    NoSpaceError: 507,
+    BackendError: 500,
+}
+
+
+def http_status(err: SnapdriverError) -> int:
+    return next((STATUS[c] for c in type(err).__mro__ if c in STATUS), 500)
 
 
 @web.middleware
@@ -75,7 +106,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return reply(encode_error(message), exc.status)
     except SnapdriverError as err:
         log.info("%s failed: %s", request.path, err)
-        return reply(encode_error(str(err)), err.status)
+        return reply(encode_error(str(err)), http_status(err))
     except asyncio.CancelledError:
         raise
     except Exception as err:
@@ -98,7 +129,7 @@ async def init(request: web.Request) -> web.Response:
 
 @routes.post("/GraphDriver.Capabilities")
 async def capabilities(request: web.Request) -> web.Response:
-    return reply({"Capabilities": Driver.capabilities()})
+    return reply({"Capabilities": GraphDriver.capabilities()})
 
 
 @routes.post("/GraphDriver.Create")
@@ -223,7 +254,7 @@ async def close_connection(request: web.Request, response: web.StreamResponse) -
     response.headers["Connection"] = "close"
 
 
-def create_app(driver: Driver) -> web.Application:
+def create_app(driver: GraphDriver) -> web.Application:
     """The application factory: routes, the error middleware and the driver as typed state."""
     app = web.Application(middlewares=[error_middleware])
     app[DRIVER] = driver
@@ -244,4 +275,4 @@ def create_app(driver: Driver) -> web.Application:
     return app
 
 
-__all__ = ["DRIVER", "RequestError", "create_app", "reply"]
+__all__ = ["DRIVER", "create_app", "http_status", "reply"]

@@ -1,15 +1,16 @@
-"""The core: Docker's GraphDriver operations, written once on top of a backend's primitives.
+"""The core: layers by ID over a backend's primitives, shared by every front.
 
-The protocol layer decodes a request and calls one method here; this module owns what every
-backend shares: the persisted layer record, per-layer locks, reference-counted mounts with a stable
-path per layer, Diff/DiffSize/ApplyDiff built from change lists and tar code, and recovery after a
-crash. Backend hooks are blocking, so they run in worker threads (``asyncio.to_thread``), except
-the mounts of a backend that says they are instant.
+A front (Docker's graphdriver protocol, containerd's snapshotter API) decodes its wire and calls
+one method here; this module owns what every backend and every front shares: the persisted layer
+record in the backend's Home, per-layer locks, reference-counted mounts with a stable path per
+layer, Diff/DiffSize/ApplyDiff/Usage built from change lists and tar code, freezing, and recovery
+after a crash. It knows no Docker or containerd words. Backend hooks are blocking, so they run in
+worker threads (``asyncio.to_thread``), except the mounts of a backend that says they are instant.
 
-Get and Put are dockerd's most frequent calls. For such a backend they stay on the event loop:
-the layer's lock (free unless a Create, ApplyDiff or Remove of the same layer is running), the
-record in memory, and a reference count that reaches the disk shortly after
-(:data:`REFS_FLUSH_DELAY`).
+Get and Put are the most frequent calls (dockerd makes several per container). For a backend with
+instant mounts they stay on the event loop: the layer's lock (free unless a Create, ApplyDiff or
+Remove of the same layer is running), the record in memory, and a reference count that reaches
+the disk shortly after (:data:`REFS_FLUSH_DELAY`).
 """
 
 from __future__ import annotations
@@ -18,63 +19,35 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from snapdriver.dockerdb import DOCKERD_ID, referenced_layers
 from snapdriver.errors import (
-    ConfigError,
     LayerBusyError,
     LayerExistsError,
     LayerNotFoundError,
     NoSpaceError,
     NotInitialisedError,
-    RequestError,
     SnapdriverError,
 )
 from snapdriver.hookspec import BackendConfig, CreateRequest
 from snapdriver.layers.apply import UnpackNoSpaceError, apply_tar
 from snapdriver.layers.archive import export_changes, export_tree
-from snapdriver.layers.changes import Change, changes_size, walk_changes
-from snapdriver.layers.state import InitRecord, LayerRecord, LayerStore, Status
-from snapdriver.layers.units import parse_size
+from snapdriver.layers.changes import Change, ChangeKind, changes_size, walk_changes
+from snapdriver.layers.state import LayerRecord, LayerStore, Status
 from snapdriver.plugins import Backend
 from snapdriver.streams import Sink, stream_from_thread
 
 log = logging.getLogger(__name__)
-#: Layers younger than this are never judged orphans: dockerd may be between two calls.
-DEFAULT_ORPHAN_AGE = 600.0
 #: Seconds between a reference count changing and its write: one write for a burst of Get/Put.
 REFS_FLUSH_DELAY = 0.5
 #: Longest wait for the space of a removed layer to be free again before a reply.
 RECLAIM_TIMEOUT = 60.0
-
-
-def parse_options(options: Sequence[str]) -> dict[str, str]:
-    """Turn Init's ``["key=value", ...]`` into a mapping; a pair without ``=`` is an error."""
-    parsed: dict[str, str] = {}
-    for item in options:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"storage option {item!r} is not of the form key=value")
-        parsed[key.strip().lower()] = value.strip()
-    return parsed
-
-
-def parse_storage_opt(storage_opt: Mapping[str, str]) -> int | None:
-    """The per-layer options Docker sends on Create: only ``size`` is understood."""
-    quota = None
-    for key, value in storage_opt.items():
-        if key.lower() != "size":
-            raise RequestError(f"Unknown option {key!r}: the only per-layer option is size")
-        quota = parse_size(value)
-    return quota
 
 
 @dataclass
@@ -95,14 +68,19 @@ class DiffJob:
         await stream_from_thread(self.write, consume)
 
 
-class Driver:
-    """One GraphDriver: a backend, the layer record in its Home, and the mounts in use."""
+@dataclass(frozen=True)
+class Usage:
+    """What a layer's own content occupies: bytes of its files, and its entries."""
 
-    def __init__(
-        self, backend: Backend, state_dir: Path, args: argparse.Namespace | None = None
-    ) -> None:
+    size: int
+    inodes: int
+
+
+class Core:
+    """Layers by ID: a backend, the layer record in its Home, and the mounts in use."""
+
+    def __init__(self, backend: Backend, args: argparse.Namespace | None = None) -> None:
         self.backend = backend
-        self.state_dir = state_dir
         self.args = args or argparse.Namespace()
         self.home: Path | None = None
         self._store: LayerStore | None = None
@@ -114,45 +92,18 @@ class Driver:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def resume(self) -> bool:
-        """Carry on from the last recorded Init, as after a plugin restart. False if none."""
-        record = InitRecord.load(self.state_dir)
-        if record is None:
-            return False
-        await self._setup(record)
-        log.info("resumed %s at %s without a new Init", self.backend.name, record.home)
-        swept = await self.sweep()
-        if swept:
-            log.warning("reclaimed %d orphan layers at start: %s", len(swept), swept)
-        return True
+    async def open(self, config: BackendConfig) -> None:
+        """Set the backend up for ``config.home``, open its record there, and recover.
 
-    async def init(
-        self,
-        home: str,
-        options: Sequence[str],
-        uid_maps: Sequence[object] = (),
-        gid_maps: Sequence[object] = (),
-    ) -> None:
-        if uid_maps or gid_maps:
-            raise ConfigError("user-namespace remapping (userns-remap) is not supported")
-        if not home or not os.path.isabs(home):
-            raise ConfigError(f"Init Home must be an absolute path, got {home!r}")
-        record = InitRecord(Path(home), tuple(options))
-        await self._setup(record)
-        try:
-            record.save(self.state_dir)
-        except OSError as err:  # a full disk: serve now, resume needs a new Init after a restart
-            log.warning("cannot record this Init in %s: %s", self.state_dir, err)
-
-    async def _setup(self, record: InitRecord) -> None:
-        config = BackendConfig(record.home, parse_options(record.options), self.args)
+        Opening the Home already open only sets the backend up again (as a repeated Init does).
+        """
         await asyncio.to_thread(self.backend.setup, config)
         self._instant_mounts = self.backend.instant_mounts()
-        if self._store is not None and self.home != record.home:
+        if self._store is not None and self.home != config.home:
             self.close()
         if self._store is None:
-            self._store = LayerStore(record.home)
-        self.home = record.home
+            self._store = LayerStore(config.home)
+        self.home = config.home
         await self.recover()
 
     async def recover(self) -> list[str]:
@@ -177,44 +128,15 @@ class Driver:
             log.warning("removed %d half-made or unrecorded layers: %s", len(removed), removed)
         return removed
 
-    async def sweep(self, min_age: float = DEFAULT_ORPHAN_AGE, dry_run: bool = False) -> list[str]:
-        """Reclaim layers nobody references: half made, unrecorded, or forgotten by dockerd.
+    def records(self) -> list[LayerRecord]:
+        """Every recorded layer, oldest first."""
+        return self.store.all()
 
-        A complete layer is an orphan when dockerd's layer store exists and names it nowhere,
-        its ID is one dockerd makes, nothing holds it, it has no children left, and it is older
-        than ``min_age`` seconds (so a create still in flight is never taken).
-        """
-        removed = [] if dry_run else await self.recover()
-        known = referenced_layers(self.home) if self.home else None
-        if known is None:
-            return removed
-        skipped: set[str] = set()
-        while orphans := self._orphans(known, min_age, set(removed) | skipped):
-            for layer in orphans:
-                try:
-                    if not dry_run:
-                        await self.remove(layer)
-                    removed.append(layer)
-                except SnapdriverError as err:
-                    log.warning("orphan %s not removed: %s", layer, err)
-                    skipped.add(layer)
-            if dry_run:
-                break  # children of what would go cannot be judged without removing it
-        return removed
+    def record(self, layer: str) -> LayerRecord | None:
+        return self.store.get(layer)
 
-    def _orphans(self, known: set[str], min_age: float, exclude: set[str]) -> list[str]:
-        now = time.time()
-        return [
-            r.id
-            for r in self.store.all()
-            if r.status == Status.READY
-            and r.refs == 0
-            and r.id not in known
-            and r.id not in exclude
-            and DOCKERD_ID.fullmatch(r.id)
-            and now - r.created >= min_age
-            and not self.store.children(r.id)
-        ]
+    def children(self, layer: str) -> list[str]:
+        return self.store.children(layer)
 
     async def cleanup(self) -> None:
         if self._store is not None:
@@ -230,11 +152,13 @@ class Driver:
             self._store = None
 
     @property
+    def opened(self) -> bool:
+        return self._store is not None
+
+    @property
     def store(self) -> LayerStore:
         if self._store is None:
-            raise NotInitialisedError(
-                "the plugin has no Home yet: dockerd has not sent Init since it was installed"
-            )
+            raise NotInitialisedError("no storage is set up yet")
         return self._store
 
     # -- helpers -----------------------------------------------------------------------------
@@ -286,7 +210,7 @@ class Driver:
             await self._unmount(layer)
 
     def _set_refs(self, layer: str, refs: int) -> None:
-        """dockerd's references: in memory now, on disk within :data:`REFS_FLUSH_DELAY`."""
+        """External references: in memory now, on disk within :data:`REFS_FLUSH_DELAY`."""
         self.store.set_refs(layer, refs)
         self._schedule_flush()
 
@@ -365,12 +289,10 @@ class Driver:
         except NoSpaceError as err:  # marked applying: the next start removes it
             log.warning("layer %s not marked failed: %s", layer, err)
 
-    # -- the GraphDriver operations ------------------------------------------------------------
+    # -- operations on layers ----------------------------------------------------------------
 
-    async def create(
-        self, layer: str, parent: str | None, storage_opt: Mapping[str, str] | None = None
-    ) -> None:
-        quota = parse_storage_opt(storage_opt or {})
+    async def create(self, layer: str, parent: str | None, quota: int | None = None) -> None:
+        """A new layer, empty or a writable child of the complete layer ``parent``."""
         async with self._locked(layer, *([parent] if parent else [])):
             existing = self.store.get(layer)
             if existing is not None and existing.status == Status.READY:
@@ -414,9 +336,20 @@ class Driver:
         if lock is not None and not lock.locked():
             del self._locks[layer]  # one lock per live layer, not per layer ever seen
 
+    async def commit(self, layer: str) -> None:
+        """Freeze the layer: no writes from now on (idempotent; see ``snapdriver_commit``)."""
+        async with self._locked(layer):
+            record = self._require(layer)
+            await asyncio.to_thread(self.backend.commit, layer)
+            if not record.frozen:
+                self.store.set_frozen(layer)
+
     async def get(self, layer: str, mount_label: str = "") -> Path:
+        """Mount (on the first reference) and count a reference; a frozen layer is refused."""
         async with self._lock(layer):
             record = self._require(layer)
+            if record.frozen:
+                raise LayerBusyError(f"layer {layer} is committed: it cannot be written to")
             path = await self._acquire(layer, mount_label)
             self._set_refs(layer, record.refs + 1)
             return path
@@ -425,14 +358,14 @@ class Driver:
         async with self._lock(layer):
             record = self.store.get(layer)
             if record is None:
-                return  # dockerd may Put after a Remove; nothing to release
+                return  # a Put may follow a Remove; nothing to release
             if record.refs > 0:
                 self._set_refs(layer, record.refs - 1)
             else:
                 log.info("Put of %s without a matching Get (plugin restarted?)", layer)
             await self._release_if_unused(layer)
 
-    async def exists(self, layer: str) -> bool:
+    def exists(self, layer: str) -> bool:
         record = self.store.get(layer)
         return record is not None and record.status == Status.READY
 
@@ -468,9 +401,20 @@ class Driver:
             changes = await self.changes(layer, parent) if parent else None
             yield DiffJob(layer, layer_dir, changes)
 
+    async def usage(self, layer: str) -> Usage:
+        """The layer's own content: its changes against its parent (native where the backend
+        has them, so it costs what changed), or its whole tree if it has none."""
+        record = self._require(layer)
+        async with self._mounted(layer) as (layer_dir,):
+            changes = await self.changes(layer, record.parent)
+            size = await asyncio.to_thread(changes_size, layer_dir, changes)
+        return Usage(size, sum(c.kind != ChangeKind.DELETE for c in changes))
+
     async def apply_diff(self, layer: str, parent: str | None, stream: IO[bytes]) -> int:
         async with self._locked(layer):
             record = self._require(layer)
+            if record.frozen:
+                raise LayerBusyError(f"layer {layer} is committed: it cannot be written to")
             if parent and record.parent != parent:
                 log.warning(
                     "ApplyDiff %s: parent %s differs from recorded %s", layer, parent, record.parent
@@ -496,11 +440,6 @@ class Driver:
             self._internal_refs[layer] -= 1
             with contextlib.suppress(SnapdriverError, OSError):
                 await self._release_if_unused(layer)
-
-    @staticmethod
-    def capabilities() -> dict[str, bool]:
-        """Diffs are rebuilt from the files, not replayed, so they are not byte-exact."""
-        return {"ReproducesExactDiffs": False}
 
 
 def _reason(err: NoSpaceError) -> str:

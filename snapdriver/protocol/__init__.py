@@ -1,1 +1,0 @@
-"""Docker's GraphDriver plugin protocol: wire types, the aiohttp application, listeners."""

@@ -1,0 +1,127 @@
+"""The front-neutral core over plain directories: freezing (commit) and usage."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+import tarfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from snapdriver import BackendConfig, CreateRequest, hookimpl
+from snapdriver.core import Core, Usage
+from snapdriver.errors import LayerBusyError, LayerNotFoundError
+from snapdriver.plugins import Backend
+
+BASE, CHILD = "b" * 64, "c" * 64
+
+
+class CopyBackend:
+    """Layers as directories; a child starts as a copy of its parent. Records commits."""
+
+    def __init__(self) -> None:
+        self.root = Path()
+        self.committed: list[str] = []
+
+    @hookimpl
+    def snapdriver_setup(self, config: BackendConfig) -> None:
+        self.root = config.home / "dirs"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @hookimpl
+    def snapdriver_create(self, request: CreateRequest) -> None:
+        target = self.root / request.layer
+        if request.parent:
+            shutil.copytree(self.root / request.parent, target, symlinks=True)
+        else:
+            target.mkdir()
+
+    @hookimpl
+    def snapdriver_remove(self, layer: str) -> None:
+        shutil.rmtree(self.root / layer, ignore_errors=True)
+
+    @hookimpl
+    def snapdriver_mount(self, layer: str, mount_label: str) -> Path:
+        return self.root / layer
+
+    @hookimpl
+    def snapdriver_unmount(self, layer: str) -> None:
+        pass
+
+    @hookimpl
+    def snapdriver_layers(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir())
+
+    @hookimpl
+    def snapdriver_commit(self, layer: str) -> None:
+        self.committed.append(layer)
+
+
+def tar_of(files: dict[str, bytes]) -> io.BytesIO:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    buffer.seek(0)
+    return buffer
+
+
+def run_core(tmp_path: Path, backend: object, body: Callable[[Core], Awaitable[None]]) -> None:
+    async def main() -> None:
+        core = Core(Backend.load(backend))
+        await core.open(BackendConfig(tmp_path / "home"))
+        try:
+            await body(core)
+        finally:
+            core.close()
+
+    asyncio.run(main())
+
+
+def test_commit_freezes_a_layer_for_good(tmp_path: Path) -> None:
+    backend = CopyBackend()
+
+    async def body(core: Core) -> None:
+        await core.create(BASE, None)
+        await core.apply_diff(BASE, None, tar_of({"a": b"1"}))
+        await core.commit(BASE)
+        await core.commit(BASE)  # idempotent: a front re-freezes after a crash
+        record = core.record(BASE)
+        assert record is not None and record.frozen
+        with pytest.raises(LayerBusyError, match="committed"):
+            await core.get(BASE)
+        with pytest.raises(LayerBusyError, match="committed"):
+            await core.apply_diff(BASE, None, tar_of({"b": b"2"}))
+        await core.create(CHILD, BASE)  # children of a frozen layer are writable
+        assert (await core.get(CHILD) / "a").read_bytes() == b"1"
+        await core.put(CHILD)
+        with pytest.raises(LayerNotFoundError):
+            await core.commit("d" * 64)
+
+    run_core(tmp_path, backend, body)
+    assert backend.committed == [BASE, BASE]
+
+    async def reopened(core: Core) -> None:
+        record = core.record(BASE)
+        assert record is not None and record.frozen, "frozen is on disk, not only in memory"
+
+    run_core(tmp_path, CopyBackend(), reopened)
+
+
+def test_usage_counts_the_layers_own_content(tmp_path: Path) -> None:
+    async def body(core: Core) -> None:
+        await core.create(BASE, None)
+        await core.apply_diff(BASE, None, tar_of({"big": b"x" * 5000, "d/small": b"y" * 10}))
+        assert await core.usage(BASE) == Usage(size=5010, inodes=3)  # big, d, d/small
+        await core.create(CHILD, BASE)
+        assert await core.usage(CHILD) == Usage(0, 0), "a new child owns nothing yet"
+        await core.apply_diff(CHILD, BASE, tar_of({"d/new": b"z" * 7, ".wh.big": b""}))
+        # d changed (a new entry), d/new added, big deleted (counted in neither figure)
+        assert await core.usage(CHILD) == Usage(size=7, inodes=2)
+
+    run_core(tmp_path, CopyBackend(), body)
