@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 import time
 from collections import Counter
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 REFS_FLUSH_DELAY = 0.5
 #: Longest wait for the space of a removed layer to be free again before a reply.
 RECLAIM_TIMEOUT = 60.0
+#: Below this much free space (the larger of the two), a Remove waits for the space it frees.
+LOW_SPACE_BYTES, LOW_SPACE_FRACTION = 64 << 20, 0.05
 
 
 @dataclass
@@ -261,11 +264,23 @@ class Core:
             await self._unmount(layer)
         await asyncio.to_thread(self.backend.remove, layer)
         self.store.delete(layer)
-        if self.store.deletions_pending():
+        if self.store.deletions_pending() or self._space_low():
             await self._after_full_disk_removal()
 
+    def _space_low(self) -> bool:
+        """The record's filesystem (the layers', for btrfs) is all but full."""
+        try:
+            st = os.statvfs(self.store.path)
+        except OSError:
+            return False
+        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        return free < max(LOW_SPACE_BYTES, total * LOW_SPACE_FRACTION)
+
     async def _after_full_disk_removal(self) -> None:
-        """Reply once the space is free, as after a failed ApplyDiff; then write the deletion."""
+        """Reply once the space is free, as after a failed ApplyDiff; then write the deletion.
+
+        A user who removes layers to make room, and pulls again at once, finds the room there.
+        """
         await asyncio.to_thread(self.backend.reclaim, RECLAIM_TIMEOUT)
         try:
             self.store.flush_refs()
