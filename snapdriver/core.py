@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 REFS_FLUSH_DELAY = 0.5
 #: Longest wait for the space of a removed layer to be free again before a reply.
 RECLAIM_TIMEOUT = 60.0
-#: Below this much free space (the larger of the two), a Remove waits for the space it frees.
-LOW_SPACE_BYTES, LOW_SPACE_FRACTION = 64 << 20, 0.05
+#: Below this much free space (the larger of the two), a Remove waits for the space it frees:
+#: a user short of space removes images to pull another at once (btrfs frees it up to ~30 s late).
+LOW_SPACE_BYTES, LOW_SPACE_FRACTION = 1 << 30, 0.05
 
 
 @dataclass
@@ -268,7 +269,7 @@ class Core:
             await self._after_full_disk_removal()
 
     def _space_low(self) -> bool:
-        """The record's filesystem (the layers', for btrfs) is all but full."""
+        """The record's filesystem (the layers', for btrfs) is short of space."""
         try:
             st = os.statvfs(self.store.path)
         except OSError:
