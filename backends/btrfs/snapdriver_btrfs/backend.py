@@ -25,7 +25,13 @@ from pathlib import Path
 
 import btrfsutil
 
-from snapdriver.errors import BackendError, ConfigError, NoSpaceError, QuotaNotSupportedError
+from snapdriver.errors import (
+    BackendError,
+    ConfigError,
+    NoSpaceError,
+    QuotaNotSupportedError,
+    SnapdriverError,
+)
 from snapdriver.hookspec import BackendConfig, CreateRequest, hookimpl
 from snapdriver.hostfs import mount_of
 from snapdriver.layers.changes import Change
@@ -114,9 +120,7 @@ class BtrfsBackend:
             else:
                 btrfsutil.create_snapshot(str(self.path(request.parent)), str(target))
         except btrfsutil.BtrfsUtilError as err:
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise NoSpaceError(f"{os.strerror(err.errno).lower()}: {err}") from err
-            raise BackendError(f"cannot create subvolume {target}: {err}") from err
+            raise _error(err, f"cannot create subvolume {target}") from err
         if request.quota is not None:
             self._limit(target, request.quota)
 
@@ -196,7 +200,7 @@ class BtrfsBackend:
             if not btrfsutil.get_subvolume_read_only(target):
                 btrfsutil.set_subvolume_read_only(target, True)
         except btrfsutil.BtrfsUtilError as err:
-            raise BackendError(f"cannot make subvolume {target} read-only: {err}") from err
+            raise _error(err, f"cannot make subvolume {target} read-only") from err
 
     @hookimpl
     def snapdriver_mount(self, layer: str, mount_label: str) -> Path:
@@ -249,6 +253,13 @@ class BtrfsBackend:
             yield snapshot
         finally:
             self._delete(snapshot)
+
+
+def _error(err: btrfsutil.BtrfsUtilError, what: str) -> SnapdriverError:
+    """A full filesystem or quota as :class:`NoSpaceError` (the core says which layer)."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpaceError(f"{os.strerror(err.errno).lower()}: {what}")
+    return BackendError(f"{what}: {err}")
 
 
 def _delete_tree(path: Path) -> list[int]:
