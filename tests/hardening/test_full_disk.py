@@ -20,9 +20,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import btrfsutil
 import pytest
 
+from snapdriver.errors import NoSpaceError
 from snapdriver.graphdriver.client import PluginCallError
+from snapdriver.layers.state import LayerStore, Status, read_copy
 from snapdriver.testing.conformance import Plugin, new_id
 from snapdriver.testing.loopfs import can_make_loop_filesystems, loop_filesystem, sweep_stale
 from snapdriver.testing.process import PluginProcess
@@ -231,3 +234,50 @@ def test_the_plugin_serves_restarts_and_removes_on_a_full_disk(
         f"served, restarted after SIGKILL and SIGTERM, removed it ({waited:.1f} s to free space); "
         f"writes on the full disk succeeded {sum(outcomes)} of {len(outcomes)}"
     )
+
+
+def add_until_refused(store: LayerStore) -> None:
+    for i in range(1000):  # the last free pages of the log may still take a few
+        store.add(f"{i:064x}", None, None)
+
+
+def test_the_layer_record_on_a_full_disk(small_fs: Path) -> None:
+    """Opens and reads; a refused write changes nothing; a deletion waits for space."""
+    home = small_fs / f"record-{uuid.uuid4().hex[:8]}"
+    home.mkdir()
+    store = LayerStore(home)
+    kept, gone = "a" * 64, "b" * 64
+    for layer in (kept, gone):
+        store.add(layer, None, None)
+        store.set_status(layer, Status.READY)
+    store.close()
+    filler = home / "filler"
+    btrfsutil.create_subvolume(str(filler))
+    try:
+        fill_directory(filler)
+        store = LayerStore(home)  # opens on the full disk: no -shm to map, nothing to write
+        try:
+            before = store.all()
+            assert {r.id for r in before} == {kept, gone}
+            with pytest.raises(NoSpaceError, match="no space left on device"):
+                add_until_refused(store)
+            added = {r.id for r in store.all()} - {kept, gone}
+            assert {r.id for r in read_copy(home)} == {kept, gone} | added, "mirror != disk"
+            store.delete(gone)  # never refused: the mirror forgets it now
+            assert store.get(gone) is None and store.deletions_pending()
+            assert gone in {r.id for r in read_copy(home)}
+        finally:
+            store.close()
+        store = LayerStore(home)  # and after a restart, still on the full disk
+        store.close()
+    finally:
+        btrfsutil.delete_subvolume(str(filler))
+        btrfsutil.sync(str(small_fs))
+    store = LayerStore(home)
+    try:
+        store.delete(gone)  # written now that there is space
+        assert not store.deletions_pending()
+        assert gone not in {r.id for r in read_copy(home)}
+        assert kept in {r.id for r in read_copy(home)}
+    finally:
+        store.close()
