@@ -22,6 +22,7 @@ from pathlib import Path
 
 import btrfsutil
 import pytest
+from snapdriver_btrfs.testing import wait_for_cleaner
 
 from snapdriver.errors import NoSpaceError
 from snapdriver.graphdriver.client import PluginCallError
@@ -272,6 +273,8 @@ def test_the_layer_record_on_a_full_disk(small_fs: Path) -> None:
         store.close()
     finally:
         btrfsutil.delete_subvolume(str(filler))
+        btrfsutil.sync(str(small_fs))
+        wait_for_cleaner(small_fs)  # the filler's space is free only once the cleaner dropped it
         btrfsutil.sync(str(small_fs))
     store = LayerStore(home)
     try:
