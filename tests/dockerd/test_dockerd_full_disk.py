@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from snapdriver.testing.dockerd import Dockerd
-from snapdriver.testing.loopfs import loop_filesystem, sweep_stale
+from snapdriver.testing.loopfs import loop_filesystem
 from snapdriver.testing.process import PluginProcess
 
 pytestmark = [pytest.mark.dockerd, pytest.mark.slow]
@@ -67,7 +67,6 @@ class _Random:
 
 @pytest.fixture(scope="module")
 def env(dockerd_available: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    sweep_stale()
     workdir = tmp_path_factory.mktemp("full")
     (workdir / "plugin").mkdir()
     socket = Path(f"/run/docker/plugins/{NAME}.sock")

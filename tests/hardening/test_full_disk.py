@@ -28,7 +28,7 @@ from snapdriver.errors import NoSpaceError
 from snapdriver.graphdriver.client import PluginCallError
 from snapdriver.layers.state import LayerStore, Status, read_copy
 from snapdriver.testing.conformance import Plugin, new_id
-from snapdriver.testing.loopfs import can_make_loop_filesystems, loop_filesystem, sweep_stale
+from snapdriver.testing.loopfs import can_make_loop_filesystems, loop_filesystem
 from snapdriver.testing.process import PluginProcess
 from tests.conftest import skip_tier
 
@@ -98,7 +98,6 @@ def small_fs() -> Iterator[Path]:
     reason = can_make_loop_filesystems()
     if reason:
         skip_tier("btrfs", reason)
-    sweep_stale()
     with loop_filesystem("btrfs", size_mb=SIZE_MB) as mnt:
         yield mnt
 

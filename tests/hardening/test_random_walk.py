@@ -44,7 +44,7 @@ from hypothesis.stateful import (
 
 from snapdriver.graphdriver.client import PluginCallError
 from snapdriver.testing.conformance import Plugin
-from snapdriver.testing.loopfs import can_make_loop_filesystems, loop_filesystem, sweep_stale
+from snapdriver.testing.loopfs import can_make_loop_filesystems, loop_filesystem
 from snapdriver.testing.process import ForkedPluginProcess
 from tests.conftest import skip_tier
 
@@ -524,7 +524,6 @@ def walk_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     reason = can_make_loop_filesystems()
     if reason:
         skip_tier("btrfs", reason)
-    sweep_stale()
     with loop_filesystem("btrfs", size_mb=SIZE_MB) as mnt:
         process = ForkedPluginProcess("btrfs", tmp_path_factory.mktemp("walk"))
         process.start()
