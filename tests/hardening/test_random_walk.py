@@ -10,7 +10,7 @@ full). Diff is checked by applying its tar to the parent's model, Changes and Di
 the difference of two models.
 
 Budget: ``SNAPDRIVER_WALK_EXAMPLES`` sequences of up to ``SNAPDRIVER_WALK_STEPS`` steps
-(defaults 8 and 40). Derandomized unless ``SNAPDRIVER_WALK_SEED`` is set; a failure prints
+(defaults 12 and 50). Derandomized unless ``SNAPDRIVER_WALK_SEED`` is set; a failure prints
 hypothesis's ``@reproduce_failure`` blob and the seed.
 """
 
@@ -51,10 +51,11 @@ from tests.conftest import skip_tier
 pytestmark = [pytest.mark.btrfs, pytest.mark.slow]
 MiB = 1 << 20
 SIZE_MB = 256
-EXAMPLES = int(os.environ.get("SNAPDRIVER_WALK_EXAMPLES", "8"))
-STEPS = int(os.environ.get("SNAPDRIVER_WALK_STEPS", "40"))
+EXAMPLES = int(os.environ.get("SNAPDRIVER_WALK_EXAMPLES", "12"))
+STEPS = int(os.environ.get("SNAPDRIVER_WALK_STEPS", "50"))
 SEED = os.environ.get("SNAPDRIVER_WALK_SEED")
 MAX_LAYERS = 10
+SPACING = 5  # steps between kills, and between disk fills
 NAMES = ("a", "b", "c")
 NO_SPACE = "no space left on device"
 
@@ -183,8 +184,15 @@ class Walk(RuleBasedStateMachine):
         self.layers: dict[str, Layer] = {}
         self.refs: Counter[str] = Counter()
         self.filler: str | None = None  # while set, the disk is full
+        #: Steps so far, and the step of the last kill and disk fill: each is one step in several,
+        #: not one in three when swarm testing leaves few rules enabled.
+        self.step = 0
+        self.last: Counter[str] = Counter()
         self.env.counts["sequences"] += 1
         self.reset()
+
+    def spaced(self, what: str) -> bool:
+        return self.step - self.last[what] >= SPACING if self.last[what] else True
 
     @property
     def plugin(self) -> Plugin:
@@ -401,6 +409,7 @@ class Walk(RuleBasedStateMachine):
         self.refs.pop(layer, None)
         assert self.call("Exists", ID=layer) == {"Exists": False}
 
+    @precondition(lambda self: self.spaced("kill"))
     @rule()
     def kill_and_restart(self) -> None:
         plugin = self.plugin
@@ -409,8 +418,9 @@ class Walk(RuleBasedStateMachine):
         plugin.process.start()  # no Init: as under a running dockerd
         plugin.client = plugin.process.client()
         self.env.counts["kills"] += 1
+        self.last["kill"] = self.step
 
-    @precondition(lambda self: self.filler is None)
+    @precondition(lambda self: self.filler is None and self.spaced("full"))
     @rule()
     def fill_disk(self) -> None:
         """A container fills the filesystem through its writable layer."""
@@ -422,6 +432,7 @@ class Walk(RuleBasedStateMachine):
         finally:
             self.call("Put", ID=filler)
         self.filler = filler
+        self.last["full"] = self.step
 
     @precondition(lambda self: self.filler is not None)
     @rule()
@@ -432,7 +443,7 @@ class Walk(RuleBasedStateMachine):
         free = os.statvfs(self.env.mnt)
         assert free.f_bavail * free.f_frsize > SIZE_MB * MiB // 2, "Remove replied before space"
 
-    @precondition(lambda self: self.filler is None and len(self.layers) < MAX_LAYERS)
+    @precondition(lambda self: self.can_write() and self.spaced("full"))
     @rule()
     def apply_too_big(self) -> None:
         """An ApplyDiff bigger than the disk: one clear error, space back, layer gone."""
@@ -447,12 +458,14 @@ class Walk(RuleBasedStateMachine):
         self.call("Remove", ID=layer)
         free = os.statvfs(self.env.mnt)
         assert free.f_bavail * free.f_frsize > SIZE_MB * MiB // 2, "space not given back"
+        self.last["full"] = self.step
 
     # -- after every step
 
     @invariant()
     def every_layer_matches_its_model(self) -> None:
         self.env.counts["checks"] += 1
+        self.step += 1
         self.env.counts["layer checks"] += len(self.layers)
         for layer, model in self.layers.items():
             assert self.call("Exists", ID=layer) == {"Exists": True}, f"layer {layer} lost"
