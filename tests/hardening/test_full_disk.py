@@ -283,3 +283,37 @@ def test_the_layer_record_on_a_full_disk(small_fs: Path) -> None:
         assert kept in {r.id for r in read_copy(home)}
     finally:
         store.close()
+
+
+def test_a_size_limit_is_the_same_error(
+    small_fs: Path, tmp_path: Path, figure: Callable[[str], None]
+) -> None:
+    """A layer's size limit (a btrfs qgroup) reached in ApplyDiff: EDQUOT, one line, storage gone.
+
+    Last in the module: it switches quotas on for the filesystem.
+    """
+    process = PluginProcess("btrfs", tmp_path)
+    process.start()
+    home = small_fs / f"quota-{uuid.uuid4().hex[:8]}"
+    plugin = Plugin(process, home)
+    try:
+        opts = ["btrfs.enable_quota=true"]
+        plugin.call("Init", Home=str(home), Opts=opts, UIDMaps=None, GIDMaps=None)
+        layer = new_id()
+        plugin.create(layer, size="16M")
+        with pytest.raises(PluginCallError) as failed:
+            plugin.client.apply_diff(layer, "", big_tar(64 * MiB))
+        message = failed.value.message
+        assert message.startswith(f"disk quota exceeded while applying layer {layer} after ")
+        assert plugin.call("Exists", ID=layer) == {"Exists": False}
+        assert not (home / "subvolumes" / layer).exists(), "the failed layer's storage is kept"
+        plugin.remove(layer)
+        again = new_id()
+        plugin.create(again, size="16M")
+        plugin.client.apply_diff(again, "", small_tar(6))
+        read_small(plugin, again, 6)
+        plugin.remove(again)
+        figure(f"FULL DISK (btrfs qgroup limit 16 MiB): {message.split(' while ')[0]}, one line")
+    finally:
+        plugin.client.close()
+        process.stop()
