@@ -1,7 +1,9 @@
 """``snapdriver``: run a snapdriver daemon for one backend.
 
 ``snapdriver --backend NAME`` serves Docker's GraphDriver plugin protocol; ``snapdriver sweep``
-asks a running plugin to reclaim orphan layers.
+asks a running plugin to reclaim orphan layers; ``snapdriver config ...`` prints the settings the
+same command line would run with, and where each came from; ``snapdriver doctor`` checks the host.
+Every flag may also come from the environment or the config file (:mod:`snapdriver.config`).
 
 Start-up problems end the process with one line on stderr and exit status 2 (bad usage or
 configuration) so a person or systemd sees what to fix; a running daemon never dies of a request.
@@ -18,9 +20,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from snapdriver import __version__
+from snapdriver import __version__, config
 from snapdriver.daemon import raise_open_file_limit, run
-from snapdriver.errors import SnapdriverError
+from snapdriver.errors import ConfigError, SnapdriverError
 from snapdriver.graphdriver.client import PluginClient
 from snapdriver.graphdriver.driver import DEFAULT_ORPHAN_AGE, GraphDriver
 from snapdriver.graphdriver.front import GraphDriverFront
@@ -82,7 +84,26 @@ def base_parser() -> argparse.ArgumentParser:
         default="info",
         choices=["debug", "info", "warning", "error"],
     )
+    config.add_config_flag(parser)
     return parser
+
+
+def containerd_parser() -> argparse.ArgumentParser:
+    """The containerd front's settings (``[containerd]`` in the config file)."""
+    # "resolve": a backend's own --dataset (zfs) replaces this one; the value is the same setting
+    parser = argparse.ArgumentParser(prog="snapdriver containerd", conflict_handler="resolve")
+    parser.add_argument("--backend", help="storage backend to use")
+    parser.add_argument("--root", type=Path, help="directory the snapshots are kept under")
+    parser.add_argument("--dataset", metavar="POOL/DATASET", help="ZFS dataset of the snapshots")
+    parser.add_argument("--listen", help="unix:///path.sock containerd's proxy_plugins names")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    config.add_config_flag(parser)
+    return parser
+
+
+config.FRONTS.update(graphdriver=base_parser, containerd=containerd_parser)
 
 
 def _fail(message: str) -> int:
@@ -152,12 +173,39 @@ def sweep_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def config_main(argv: Sequence[str]) -> int:
+    """``snapdriver config [FRONT] [FLAGS]``: the settings FLAGS would run with, and whence."""
+    front, argv = (
+        (argv[0], argv[1:]) if argv[:1] and argv[0] in config.FRONTS else ("graphdriver", argv)
+    )
+    parser = config.FRONTS[front]()
+    try:
+        file, early = config.early(parser, argv, front)
+        if early.backend:
+            resolved = config.with_backend(parser, argv, file, front, Backend.load(early.backend))
+        else:
+            resolved = config.resolve(parser, argv, file, front)
+    except ConfigError as err:
+        return _fail(str(err))
+    print(config.render(resolved), end="")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["sweep"]:
         return sweep_main(argv[1:])
+    if argv[:1] == ["doctor"]:
+        from snapdriver.doctor import main as doctor_main
+
+        return doctor_main(argv[1:])
+    if argv[:1] == ["config"]:
+        return config_main(argv[1:])
     parser = base_parser()
-    early, _ = parser.parse_known_args(argv)
+    try:
+        file, early = config.early(parser, argv, "graphdriver")
+    except ConfigError as err:
+        return _fail(str(err))
     if early.list_backends:
         return _list_backends()
     if not early.backend:
@@ -172,8 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     try:
         backend = Backend.load(early.backend)
-        backend.add_options(parser)
-        args = parser.parse_args(argv)
+        args = config.with_backend(parser, argv, file, "graphdriver", backend).args
         logging.basicConfig(
             level=args.log_level.upper(),
             format=f"snapdriver[{args.name}] %(levelname)s %(name)s: %(message)s",

@@ -47,6 +47,11 @@ from snapdriver.streams import Sink, stream_from_thread
 log = logging.getLogger(__name__)
 #: Seconds between a reference count changing and its write: one write for a burst of Get/Put.
 REFS_FLUSH_DELAY = 0.5
+#: ApplyDiffs unpacking at once; more wait, their bodies unread (aiohttp stops reading the
+#: socket). Each holds ~5-6 MiB of buffers while it unpacks, and two cores gain little from more:
+#: 32 streams of 50 MiB at once took the plugin to a 208-237 MiB peak RSS unbounded, 120-125 MiB
+#: with 8 unpacking, 107-116 MiB with 4, in about the same time (bench/scale.md).
+APPLY_CONCURRENCY = 4
 #: Longest wait for the space of a removed layer to be free again before a reply.
 RECLAIM_TIMEOUT = 60.0
 #: Below this much free space (the larger of the two), a Remove waits for the space it frees:
@@ -93,6 +98,7 @@ class Core:
         self._internal_refs: Counter[str] = Counter()
         self._instant_mounts = False
         self._refs_flush: asyncio.TimerHandle | None = None
+        self._unpacking = asyncio.Semaphore(APPLY_CONCURRENCY)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -451,7 +457,8 @@ class Core:
         self._internal_refs[layer] += 1
         try:
             layer_dir = await self._acquire(layer)
-            return await asyncio.to_thread(apply_tar, layer_dir, stream)
+            async with self._unpacking:
+                return await asyncio.to_thread(apply_tar, layer_dir, stream)
         finally:
             self._internal_refs[layer] -= 1
             with contextlib.suppress(SnapdriverError, OSError):

@@ -82,7 +82,12 @@ class CreateRequest:
 
 @hookspec
 def snapdriver_addoption(parser: argparse.ArgumentParser) -> None:
-    """Add command-line flags for this backend (called before the command line is parsed)."""
+    """Add command-line flags for this backend (called before the command line is parsed).
+
+    Each flag is also a setting: ``--dataset`` is read from ``SNAPDRIVER_DATASET`` and from
+    ``dataset`` in the config file's ``[backends.NAME]`` table (its argparse ``dest``, checked
+    against the flag's ``type`` and ``choices``), flags first. See :mod:`snapdriver.config`.
+    """
 
 
 @required

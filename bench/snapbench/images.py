@@ -124,17 +124,13 @@ def write_save_archive(path: Path, tag: str, files: int, mib: int) -> None:
     The contents are random (so no filesystem can share or compress them) and each file differs.
     The layer's digest is computed while it is written, as ``docker load`` checks it.
     """
-    size = mib * 1024 * 1024 // files
     layer_path = path.with_suffix(".layer.tar")
-    with open(layer_path, "wb") as raw:
-        hashing = _Hashing(raw)
-        tar = tarfile.open(fileobj=hashing, mode="w|")  # type: ignore[call-overload]  # noqa: SIM115
-        _write_load_layer(tar, files, size)
+    diff_id = write_load_layer(layer_path, files, mib)
     config = {
         "architecture": "amd64",
         "os": "linux",
         "config": {"Cmd": ["sh"]},
-        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{hashing.digest.hexdigest()}"]},
+        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{diff_id}"]},
     }
     config_bytes = json.dumps(config).encode()
     config_name = f"{hashlib.sha256(config_bytes).hexdigest()}.json"
@@ -149,6 +145,16 @@ def write_save_archive(path: Path, tag: str, files: int, mib: int) -> None:
             info.size, info.mtime = len(payload), MTIME
             archive.addfile(info, io.BytesIO(payload))
     layer_path.unlink()
+
+
+def write_load_layer(path: Path, files: int, mib: int) -> str:
+    """The layer tar of :func:`write_save_archive` alone, at ``path``; returns its sha256."""
+    size = mib * 1024 * 1024 // files
+    with open(path, "wb") as raw:
+        hashing = _Hashing(raw)
+        tar = tarfile.open(fileobj=hashing, mode="w|")  # type: ignore[call-overload]  # noqa: SIM115
+        _write_load_layer(tar, files, size)
+    return hashing.digest.hexdigest()
 
 
 def _write_load_layer(tar: tarfile.TarFile, files: int, size: int) -> None:

@@ -63,7 +63,7 @@ def stream_memory(plugin: PluginProcess, cfg: Config, record: Record, log: Log) 
         _create(client, layer)
         try:
             _reset_peak(pid)
-            client.apply_diff(layer, "", _generated_tar(cfg.stream_mib))
+            client.apply_diff(layer, "", generated_tar(cfg.stream_mib))
             record(m.stream_rss("ApplyDiff", cfg.stream_mib), _peak_mib(pid))
             _reset_peak(pid)
             streamed = sum(len(chunk) for chunk in client.diff_stream(layer))
@@ -103,7 +103,7 @@ def _populate(client: PluginClient, layer: str, files: int) -> None:
     os.sync()  # so the timed snapshots do not pay for this writeback
 
 
-def _generated_tar(mib: int) -> Iterator[bytes]:
+def generated_tar(mib: int) -> Iterator[bytes]:
     """A tar of ``mib`` MiB in files of 64 MiB, made as it is sent (random, 1 MiB reused)."""
     chunk = os.urandom(1024 * 1024)
     directory = tarfile.TarInfo("stream")

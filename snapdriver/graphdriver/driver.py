@@ -10,12 +10,13 @@ next Init dockerd sends. The orphan sweep reads dockerd's own layer store (:mod:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -30,7 +31,7 @@ from snapdriver.errors import (
 from snapdriver.graphdriver.dockerdb import DOCKERD_ID, referenced_layers
 from snapdriver.hookspec import BackendConfig
 from snapdriver.layers.changes import Change
-from snapdriver.layers.state import Status
+from snapdriver.layers.state import LayerRecord, Status
 from snapdriver.layers.units import parse_size
 from snapdriver.plugins import Backend
 
@@ -183,31 +184,48 @@ class GraphDriver:
         """
         core = self._core
         removed = [] if dry_run else await core.recover()
-        known = referenced_layers(core.home) if core.home else None
+        # Thousands of small files: off the event loop, so Get and Put go on meanwhile.
+        known = await asyncio.to_thread(referenced_layers, core.home) if core.home else None
         if known is None:
             return removed
         skipped: set[str] = set()
-        while orphans := self._orphans(known, min_age, set(removed) | skipped):
-            for layer in orphans:
+        candidates: Iterable[LayerRecord | None] = core.records()
+        while orphans := self._orphans(candidates, known, min_age, set(removed) | skipped):
+            parents: dict[str, None] = {}
+            for record in orphans:
                 try:
                     if not dry_run:
-                        await core.remove(layer)
-                    removed.append(layer)
+                        await core.remove(record.id)
+                    removed.append(record.id)
                 except SnapdriverError as err:
-                    log.warning("orphan %s not removed: %s", layer, err)
-                    skipped.add(layer)
+                    log.warning("orphan %s not removed: %s", record.id, err)
+                    skipped.add(record.id)
+                    continue
+                if record.parent:
+                    parents[record.parent] = None
+            candidates = [core.record(parent) for parent in parents]
             if dry_run:
                 break  # children of what would go cannot be judged without removing it
         return removed
 
-    def _orphans(self, known: set[str], min_age: float, exclude: set[str]) -> list[str]:
+    def _orphans(
+        self,
+        candidates: Iterable[LayerRecord | None],
+        known: set[str],
+        min_age: float,
+        exclude: set[str],
+    ) -> list[LayerRecord]:
+        """Which of ``candidates`` are orphans now. Only a removal makes a new orphan (its
+        parent), so after the first pass only the parents of what went are looked at again.
+        Runs on the event loop: the test that drops most records comes first."""
         now = time.time()
         return [
-            r.id
-            for r in self.core.records()
-            if r.status == Status.READY
-            and r.refs == 0
+            r
+            for r in candidates
+            if r is not None
             and r.id not in known
+            and r.status == Status.READY
+            and r.refs == 0
             and r.id not in exclude
             and DOCKERD_ID.fullmatch(r.id)
             and now - r.created >= min_age

@@ -30,7 +30,7 @@ from snapdriver.layers.rootfs import (
     remove_at,
     split,
 )
-from snapdriver.layers.tarread import members, open_stream
+from snapdriver.layers.tarread import TarSource, members, open_stream
 
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
@@ -68,6 +68,8 @@ class _Unpacker:
     def __init__(self, root_fd: int, tar: tarfile.TarFile) -> None:
         self.root_fd = root_fd
         self.tar = tar
+        assert isinstance(tar.fileobj, TarSource)
+        self.source = tar.fileobj
         self.unpacked: set[str] = set()
         self.dirs: list[tuple[str, tarfile.TarInfo]] = []
         self._parent: tuple[str, int] | None = None
@@ -167,11 +169,7 @@ class _Unpacker:
             remove_at(dir_fd, base)
             fd = os.open(base, flags, 0o600, dir_fd=dir_fd)
         try:
-            source = self.tar.extractfile(member)
-            while source is not None and (chunk := _read(source)):
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
+            self._write_data(fd, member)
             # The order of _metadata; by fd, each saves a path lookup.
             os.fchown(fd, member.uid, member.gid)
             self._xattrs(fd, member)
@@ -179,6 +177,19 @@ class _Unpacker:
             os.utime(fd, ns=_times(member))
         finally:
             os.close(fd)
+
+    def _write_data(self, fd: int, member: tarfile.TarInfo) -> None:
+        if member.sparse is None:
+            # Straight from the stream's buffer: the entry's data is the next member.size bytes.
+            self.source.seek(member.offset_data)
+            if self.source.copy_to(fd, member.size) < member.size:
+                raise ArchiveError("invalid layer tar: unexpected end of data")
+            return
+        source = self.tar.extractfile(member)  # GNU sparse: tarfile maps the holes
+        while source is not None and (chunk := _read(source)):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
 
     def _hard_link(self, dir_fd: int, base: str, member: tarfile.TarInfo) -> None:
         target = clean_name(member.linkname)

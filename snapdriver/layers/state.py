@@ -105,6 +105,8 @@ class LayerStore:
                 raise NoSpaceError(_no_space_message(err, "open", self.path)) from err
             raise
         self._records = {row[0]: _record(row) for row in rows}
+        # Kept as the mirror changes: Status reports it, and counting 10,000 records cost 0.5 ms.
+        self._counts = Counter(r.status for r in self._records.values())
         self._dirty_refs: set[str] = set()
         #: Deleted in the mirror, still on disk: written with the next transaction that has space.
         self._pending_deletes: set[str] = set()
@@ -177,6 +179,7 @@ class LayerStore:
                 db.execute(
                     f"INSERT OR REPLACE INTO layers ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", row
                 )
+            self._recount(self._records.get(layer), record)
             self._records[layer] = record
             self._dirty_refs.discard(layer)
             self._pending_deletes.discard(layer)  # replaced, not deleted
@@ -188,6 +191,7 @@ class LayerStore:
             record = self._records.get(layer)
             if record is not None:
                 self._records[layer] = dataclasses.replace(record, status=status)
+                self._recount(record, self._records[layer])
 
     def set_frozen(self, layer: str) -> None:
         with self._lock:
@@ -232,7 +236,7 @@ class LayerStore:
             except NoSpaceError as err:
                 log.warning("deletion of layer %s is written later: %s", layer, err)
                 self._pending_deletes.add(layer)
-            self._records.pop(layer, None)
+            self._recount(self._records.pop(layer, None), None)
             self._dirty_refs.discard(layer)
 
     def deletions_pending(self) -> bool:
@@ -242,7 +246,14 @@ class LayerStore:
 
     def count(self) -> dict[Status, int]:
         with self._lock:
-            return dict(Counter(r.status for r in self._records.values()))
+            return {status: n for status, n in self._counts.items() if n}
+
+    def _recount(self, old: LayerRecord | None, new: LayerRecord | None) -> None:
+        """One record replaced by another (None: absent); the caller holds ``_lock``."""
+        if old is not None:
+            self._counts[old.status] -= 1
+        if new is not None:
+            self._counts[new.status] += 1
 
 
 #: SQLite's primary result codes for a write the filesystem refused (extended codes share them).

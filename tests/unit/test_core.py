@@ -6,13 +6,18 @@ import asyncio
 import io
 import shutil
 import tarfile
+import threading
+import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from snapdriver import BackendConfig, CreateRequest, hookimpl
+from snapdriver import core as core_module
 from snapdriver.core import Core, Usage
+from snapdriver.daemon import WORKER_THREADS
 from snapdriver.errors import LayerBusyError, LayerNotFoundError
 from snapdriver.plugins import Backend
 
@@ -125,3 +130,35 @@ def test_usage_counts_the_layers_own_content(tmp_path: Path) -> None:
         assert await core.usage(CHILD) == Usage(size=7, inodes=2)
 
     run_core(tmp_path, CopyBackend(), body)
+
+
+def test_apply_diffs_unpack_a_few_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many concurrent ApplyDiffs: at most APPLY_CONCURRENCY unpack at once (memory), all end."""
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    def slow_apply(layer_dir: Path, stream: object) -> int:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.02)
+        with lock:
+            running -= 1
+        return 0
+
+    monkeypatch.setattr(core_module, "apply_tar", slow_apply)
+    layers = [f"{n:064x}" for n in range(3 * core_module.APPLY_CONCURRENCY)]
+
+    async def body(core: Core) -> None:
+        # As many threads as the daemon has, so only the core's limit can hold them back.
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(WORKER_THREADS))
+        for layer in layers:
+            await core.create(layer, None)
+        await asyncio.gather(*(core.apply_diff(layer, None, io.BytesIO()) for layer in layers))
+        assert all(core.exists(layer) for layer in layers)
+
+    run_core(tmp_path, CopyBackend(), body)
+    assert most == core_module.APPLY_CONCURRENCY
