@@ -18,13 +18,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from snapdriver import __version__
+from snapdriver import __version__, logs
 from snapdriver.daemon import raise_open_file_limit, run
 from snapdriver.errors import SnapdriverError
 from snapdriver.graphdriver.client import PluginClient
 from snapdriver.graphdriver.driver import DEFAULT_ORPHAN_AGE, GraphDriver
 from snapdriver.graphdriver.front import GraphDriverFront
 from snapdriver.graphdriver.serve import PLUGIN_DIR, SPEC_DIR, Listen, TLSFiles
+from snapdriver.metrics_listen import MetricsAddress, metrics_serving
 from snapdriver.plugins import Backend, installed_backends
 
 log = logging.getLogger("snapdriver")
@@ -81,6 +82,12 @@ def base_parser() -> argparse.ArgumentParser:
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
+    )
+    parser.add_argument("--log-format", default="text", choices=logs.FORMATS)
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="ADDRESS",
+        help="serve Prometheus metrics at HOST:PORT or unix:///path.sock (default: off)",
     )
     return parser
 
@@ -174,10 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend = Backend.load(early.backend)
         backend.add_options(parser)
         args = parser.parse_args(argv)
-        logging.basicConfig(
-            level=args.log_level.upper(),
-            format=f"snapdriver[{args.name}] %(levelname)s %(name)s: %(message)s",
-        )
+        if args.metrics_listen:  # a bad address fails here, before anything starts
+            args.metrics_listen = MetricsAddress.parse(args.metrics_listen)
+        logs.configure(args.log_level, args.log_format, args.name)
         raise_open_file_limit()
         return asyncio.run(_serve(backend, args))
     except SnapdriverError as err:
@@ -196,7 +202,10 @@ async def _serve(backend: Backend, args: argparse.Namespace) -> int:
         tls=_tls(args),
         spec_dir=args.spec_dir,
     )
-    return await run(front, f"backend {backend.name} to dockerd")
+    async with metrics_serving(args.metrics_listen, front.driver.core, backend.name) as where:
+        if where:
+            log.info("serving metrics on %s", where)
+        return await run(front, f"backend {backend.name} to dockerd")
 
 
 if __name__ == "__main__":
