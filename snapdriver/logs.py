@@ -65,4 +65,6 @@ def _call_fields(record: logging.LogRecord) -> dict[str, Any]:
         call = CURRENT.get()
         if call is not None:
             fields |= {"front": call.front, "call": call.method, "layer": call.layer}
+            if call.outcome is not None:  # the front has judged the call; it is not over yet
+                fields["outcome"] = call.outcome
     return {k: v for k, v in fields.items() if v != ""}

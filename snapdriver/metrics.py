@@ -86,9 +86,16 @@ class _Metrics:
     """The registry and its metrics, made once by :func:`enable`."""
 
     def __init__(self, backend: str) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            disable_created_metrics,
+        )
         from prometheus_client.process_collector import ProcessCollector
 
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
         self.registry = r = CollectorRegistry()
         ProcessCollector(registry=r)
         info = Gauge(
@@ -207,7 +214,7 @@ def observe_resumed(resumed: bool) -> None:
 # -- the core's state, read at scrape time -------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)  # the registry keys its collectors by identity
 class CoreCollector:
     """Layers by status, mounted layers and references held, from a :class:`Core` at each scrape.
 

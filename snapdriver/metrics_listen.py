@@ -1,8 +1,8 @@
 """The metrics listener: ``GET /metrics`` over TCP or a unix socket, on the daemon's event loop.
 
 ``--metrics-listen`` takes ``HOST:PORT`` (``127.0.0.1:9323``, ``[::1]:9323``, ``:9323`` for every
-interface) or ``unix:///path.sock``, for a scraper on the same node (an agent that reads a
-socket: nothing listens on the network). The unix socket is made mode 0600 and replaced if stale.
+interface; ``http://`` before it is allowed) or ``unix:///path.sock`` for a scraper on the same
+node (nothing listens on the network). The unix socket is made mode 0600 and replaced if stale.
 
 prometheus-client's aiohttp handler serves the registry from the same event loop as the front, so
 the core's state is read at scrape time without a lock or a thread of its own.
@@ -11,6 +11,7 @@ the core's state is read at scrape time without a lock or a thread of its own.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +44,10 @@ class MetricsAddress:
             if not text.startswith("unix://") or not path.startswith("/") or path.endswith("/"):
                 raise _bad(text, "a unix socket needs an absolute path: unix:///run/x.sock")
             return cls(path=Path(path))
-        if "://" in text:
+        rest = text.removeprefix("http://")  # as it is printed
+        if "://" in rest:
             raise _bad(text, USAGE)
-        host, sep, port = text.rpartition(":")
+        host, sep, port = rest.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise _bad(text, USAGE)
         if host.startswith("[") and host.endswith("]"):
@@ -89,16 +91,17 @@ async def metrics_serving(
     app.router.add_get("/", _index)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
+    bound: list[Path] = []  # the socket to remove at the end: only one this made
     try:
-        yield await _start(runner, address)
+        yield await _start(runner, address, bound)
     finally:
         await runner.cleanup()
-        if address.path is not None:
-            address.path.unlink(missing_ok=True)
+        for path in bound:
+            path.unlink(missing_ok=True)
         metrics.disable()
 
 
-async def _start(runner: web.AppRunner, address: MetricsAddress) -> str:
+async def _start(runner: web.AppRunner, address: MetricsAddress, bound: list[Path]) -> str:
     from aiohttp import web
 
     from snapdriver.graphdriver.serve import bind_unix_socket
@@ -107,11 +110,15 @@ async def _start(runner: web.AppRunner, address: MetricsAddress) -> str:
     try:
         if address.path is not None:
             site = web.SockSite(runner, bind_unix_socket(address.path, None))
+            bound.append(address.path)
         else:
             site = web.TCPSite(runner, address.host or None, address.port)
         await site.start()
     except OSError as err:
-        raise ConfigError(f"cannot serve metrics on {address}: {err.strerror or err}") from err
+        # asyncio words a bind error its own way ("error while attempting to bind on ..."):
+        # the plain reason is what a person needs, the address is said already.
+        reason = os.strerror(err.errno) if err.errno and err.errno > 0 else err.strerror or err
+        raise ConfigError(f"cannot serve metrics on {address}: {reason}") from err
     if address.path is None and address.port == 0:
         port = runner.addresses[0][1]
         address = MetricsAddress(address.host, port)
