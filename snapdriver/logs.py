@@ -28,6 +28,7 @@ def configure(level: str, log_format: str, name: str) -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(JsonFormatter(name))
         logging.basicConfig(level=level.upper(), handlers=[handler])
+        logging.captureWarnings(True)  # a warning printed raw would be a line that is not JSON
     else:
         logging.basicConfig(
             level=level.upper(),
