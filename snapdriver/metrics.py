@@ -17,7 +17,8 @@ of every metric are listed in the README ("Operating snapdriver").
 
 The native-diff seam is :data:`changes_timer`, a ``snapdriver.plugins`` entry-point plugin that
 wraps the ``snapdriver_changes`` hook: the core's tree walk marks its answers
-(:data:`snapdriver.plugins.WALKED`), so a native answer is told from the walk's.
+(:data:`snapdriver.plugins.WALKED`), so a native answer is told from the walk's. Every plugin
+manager loads it, so importing this module stays cheap: no prometheus-client, no SQLite.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from snapdriver import __version__
 from snapdriver.errors import SnapdriverError
 from snapdriver.hookspec import hookimpl
 from snapdriver.layers.changes import Change
-from snapdriver.layers.state import Status
 from snapdriver.plugins import WALKED
 
 if TYPE_CHECKING:
@@ -226,6 +226,8 @@ class CoreCollector:
 
     def collect(self) -> Iterable[Metric]:
         from prometheus_client.core import GaugeMetricFamily
+
+        from snapdriver.layers.state import Status  # not at import: it loads sqlite3
 
         census = self.core.census()
         layers = GaugeMetricFamily(

@@ -12,6 +12,10 @@ the JSON log format (:mod:`snapdriver.logs`). When it ends, its outcome (``ok``,
 exception that left the block, or as set with :meth:`Call.fail`) and duration go to
 :func:`snapdriver.metrics.observe_call` and into one DEBUG record on the ``snapdriver.calls``
 logger. Works the same in coroutines and threads.
+
+A front that answers an error itself instead of letting it leave the block (an HTTP error reply,
+a gRPC ``context.abort``) calls :meth:`Call.fail` with it first, so the outcome names the error
+and not whatever the front raises to answer it.
 """
 
 from __future__ import annotations

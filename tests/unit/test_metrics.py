@@ -126,17 +126,20 @@ def test_a_busy_port_is_a_one_line_start_up_error(tmp_path: Path) -> None:
     assert not (tmp_path / "p.sock").exists(), "the plugin must not start without its metrics"
 
 
-def test_without_a_listener_prometheus_client_is_not_even_imported() -> None:
+def test_loading_a_backend_imports_neither_prometheus_client_nor_sqlite() -> None:
     code = (
         "import sys\n"
         "from snapdriver.plugins import Backend\n"
-        "import snapdriver.cli, snapdriver.graphdriver.app\n"
         "backend = Backend.load('copydir')\n"
         "assert backend.pm.get_plugin('metrics') is not None, backend.pm.list_name_plugin()\n"
-        "print('prometheus_client' in sys.modules)\n"
+        "print(sorted(m for m in ('prometheus_client', 'sqlite3') if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout == "False\n"
+    assert done.stdout == "[]\n"
+    code = "import sys, snapdriver.cli, snapdriver.graphdriver.app\n"
+    code += "print('prometheus_client' in sys.modules)\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout == "False\n", "the daemon without a listener must not load it either"
 
 
 def test_the_metrics_plugin_loads_through_the_entry_point_group() -> None:
