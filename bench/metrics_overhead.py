@@ -29,7 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from snapdriver.graphdriver.driver import GraphDriver
 from snapdriver.plugins import Backend
 
 LAYER = "b" * 64
+PHASES = ("driver", "app", "socket")
 Pair = Callable[[], Awaitable[None]]
 
 
@@ -50,18 +51,19 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=2000, help="Get+Put pairs per round")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--metrics", action="store_true", help="turn metrics on")
+    parser.add_argument("--only", choices=PHASES, action="append", help="these measurements only")
     args = parser.parse_args()
     if args.metrics:
         from snapdriver import metrics
 
         metrics.enable("copydir")
-    result = asyncio.run(measure(args.pairs, args.rounds))
+    result = asyncio.run(measure(args.pairs, args.rounds, args.only or PHASES))
     result |= {"tree": str(Path(snapdriver.__file__).parent.parent), "metrics": args.metrics}
     print(json.dumps(result))
     return 0
 
 
-async def measure(pairs: int, rounds: int) -> dict[str, Any]:
+async def measure(pairs: int, rounds: int, phases: Sequence[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="sd-overhead-") as tmp:
         driver = GraphDriver(Backend.load("copydir"), Path(tmp) / "state")
         await driver.init(str(Path(tmp) / "home"), [])
@@ -69,10 +71,12 @@ async def measure(pairs: int, rounds: int) -> dict[str, Any]:
         await driver.get(LAYER)  # held: Get/Put pairs never mount or unmount
         app = graphdriver_app.create_app(driver)
         results = {}
-        for name, make in (("driver", _driver_pair), ("app", _app_pair), ("socket", _socket_pair)):
-            async with make(driver, app, Path(tmp)) as pair:
+        makers = {"driver": _driver_pair, "app": _app_pair, "socket": _socket_pair}
+        for name in (p for p in PHASES if p in phases):  # socket last: it closes the driver
+            async with makers[name](driver, app, Path(tmp)) as pair:
                 results[name] = await _rounds(pair, pairs, rounds)
-        driver.close()
+        if "socket" not in phases:
+            driver.close()  # else the app's clean-up did
     return results
 
 
