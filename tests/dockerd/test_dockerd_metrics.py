@@ -75,9 +75,11 @@ def _remove_everything(dockerd: Dockerd) -> None:
     containers = dockerd.docker("ps", "-a", "-q", check=False).stdout.split()
     if containers:
         dockerd.docker("rm", "-f", *containers, check=False)
-    images = dockerd.docker("images", "-q", "-a", check=False).stdout.split()
-    if images:
-        dockerd.docker("rmi", "-f", *images, check=False)
+    dockerd.docker("container", "prune", "-f", check=False)
+    tags = dockerd.docker("images", "--format", "{{.Repository}}:{{.Tag}}", check=False)
+    if tags.stdout.split():
+        dockerd.docker("rmi", *tags.stdout.split(), check=False)  # newest image first
+    dockerd.docker("image", "prune", "-a", "-f", check=False)
 
 
 def test_a_docker_session_moves_the_numbers(session: Session) -> None:
