@@ -73,6 +73,7 @@ class Config:
     size_mb: int = 8192
     out: Path = BENCH_DIR
     smoke: bool = False
+    report: Path | None = None
 
 
 @dataclass
@@ -82,6 +83,8 @@ class Results:
     samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     machine: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    #: What each Usage measure answered (sizes are counted differently).
+    answers: dict[str, str] = field(default_factory=dict)
 
     def add(self, metric: str, who: str, value: float) -> None:
         self.samples.setdefault(metric, {}).setdefault(who, []).append(value)
@@ -288,10 +291,12 @@ def usage_front(client: Client, base: str, results: Results, repeat: int) -> Non
     child = Path(client.view("child-v", "child")[0].source)
     parent = Path(client.view("base-v", base)[0].source)
     usage = client.usage("child")
-    log(f"  front Usage(child): {usage.size} bytes, {usage.inodes} inodes")
-    walked = changes_size(child, walk_changes(child, parent))
-    log(f"  walk_changes + changes_size: {walked} bytes")
-    du = ["du", "-s", "--apparent-size", str(child)]
+    results.answers["front (gRPC)"] = f"{usage.size} B, {usage.inodes} inodes"
+    results.answers["walk_changes"] = f"{changes_size(child, walk_changes(child, parent))} B"
+    du = ["du", "-s", "--apparent-size", "--block-size=1", str(child)]
+    out = subprocess.run(du, check=True, capture_output=True, text=True).stdout
+    results.answers["du -s"] = f"{out.split()[0]} B"
+    log(f"  Usage answers: {results.answers}")
     for _ in range(repeat):
         results.add("Usage", "front (gRPC)", timed(lambda: client.usage("child")))
         results.add(
@@ -341,6 +346,7 @@ def api_usage(api: ContainerdSnapshots, top: str, tag: str, results: Results) ->
     results.add("Commit (10 changed) via containerd", api.snapshotter, commit)
     results.add("Usage via containerd", api.snapshotter, timed(lambda: api.usage(tag)))
     reply = api.usage(tag)
+    results.answers[f"{api.snapshotter} via containerd"] = f"{reply.size} B, {reply.inodes} inodes"
     log(
         f"  {api.snapshotter}: Commit {commit * 1e3:.1f} ms; "
         f"Usage {reply.size} B, {reply.inodes} inodes"
@@ -418,16 +424,19 @@ def markdown(results: Results, config: Config) -> str:
         "",
         f"## Usage of a committed {config.files:,}-file snapshot with {CHANGED} changed files",
         "",
-        "| measure | median | front Usage / it |",
-        "|---|---|---|",
+        "| measure | median | front Usage / it | answer |",
+        "|---|---|---|---|",
     ]
     front = results.median("Usage", "front (gRPC)")
     for who in ("front (gRPC)", "du -s", "walk_changes"):
-        value = results.median("Usage", who)
-        lines.append(f"| {who} | {fmt(value)} | {ratio(front, value)} |")
+        value, answer = results.median("Usage", who), results.answers.get(who, "-")
+        lines.append(f"| {who} | {fmt(value)} | {ratio(front, value)} | {answer} |")
     for name in SNAPSHOTTERS:
         value = results.median("Usage via containerd", name)
-        lines.append(f"| {name} via containerd's API | {fmt(value)} | {ratio(front, value)} |")
+        answer = results.answers.get(f"{name} via containerd", "-")
+        lines.append(
+            f"| {name} via containerd's API | {fmt(value)} | {ratio(front, value)} | {answer} |"
+        )
     verdict = _verdict(front, results.median("Usage", "du -s"), 0.1)
     lines += [
         "",
@@ -437,7 +446,9 @@ def markdown(results: Results, config: Config) -> str:
         "and its parent's trees and sizes what changed (what Usage would cost without native "
         "changes). containerd's own snapshotters answer a committed snapshot's Usage from their "
         "metadata, worked out when it was committed: their walk is paid in Commit (the row "
-        "Commit (10 changed) above), the front's in Usage, from btrfs's native changes.",
+        "Commit (10 changed) above), the front's in Usage, from btrfs's native changes. The "
+        "answers differ in kind: the front and walk_changes give the apparent size of what "
+        "changed (its directories too), containerd's snapshotters disk blocks.",
         "",
     ]
     return "\n".join(lines)
@@ -463,7 +474,12 @@ def _verdict(value: float | None, peer: float | None, goal: float) -> str:
 def write_results(results: Results, config: Config) -> None:
     config.out.mkdir(parents=True, exist_ok=True)
     stem = "containerd-smoke" if config.smoke else "containerd"
-    data = {"machine": results.machine, "config": results.config, "samples": results.samples}
+    data = {
+        "machine": results.machine,
+        "config": results.config,
+        "answers": results.answers,
+        "samples": results.samples,
+    }
     (config.out / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
     (config.out / f"{stem}.md").write_text(markdown(results, config))
     log(f"wrote {config.out / stem}.md and .json")
@@ -481,14 +497,36 @@ def parse(argv: list[str]) -> Config:
     parser.add_argument("--size-mb", type=int, default=8192, help="the btrfs loop image")
     parser.add_argument("--out", type=Path, default=BENCH_DIR)
     parser.add_argument("--smoke", action="store_true", help="1,000 files, one repeat")
+    parser.add_argument("--report", type=Path, help="rewrite the .md of this .json, no run")
     args = parser.parse_args(argv)
+    if args.report:
+        return saved_config(args.report)
     if args.smoke:
         return Config(1000, 1, 5, 3, 2048, args.out, smoke=True)
     return Config(args.files, args.repeat, args.rounds, args.api_rounds, args.size_mb, args.out)
 
 
+def saved_config(path: Path) -> Config:
+    """The configuration a run saved in its .json (``--report``)."""
+    saved = json.loads(path.read_text())["config"]
+    files, repeat, rounds, api_rounds, size_mb = (
+        int(saved[k]) for k in ("files", "repeat", "rounds", "api_rounds", "size_mb")
+    )
+    smoke = saved["smoke"] == "True"
+    return Config(files, repeat, rounds, api_rounds, size_mb, path.parent, smoke, report=path)
+
+
+def rewrite_report(path: Path, config: Config) -> int:
+    data = json.loads(path.read_text())
+    results = Results(data["samples"], data["machine"], data["config"], data.get("answers", {}))
+    write_results(results, config)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     config = parse(argv)
+    if config.report:
+        return rewrite_report(config.report, config)
     if os.geteuid() != 0:
         log("containerd_bench: needs root (loop devices, mounts, containerd)")
         return 2
