@@ -51,6 +51,7 @@ from snapdriver.testing.loopfs import loop_filesystem, sweep_stale
 
 sys.path.insert(0, str(Path(__file__).parent))
 from snapbench.cli import machine_info
+from snapbench.env import raise_on_sigterm
 from snapbench.images import FileLayout, write_file_image
 
 BENCH_DIR = Path(__file__).parent
@@ -530,6 +531,7 @@ def main(argv: list[str]) -> int:
     if os.geteuid() != 0:
         log("containerd_bench: needs root (loop devices, mounts, containerd)")
         return 2
+    raise_on_sigterm()  # so SIGTERM, too, stops containerd and the fronts and frees the loop fs
     results = Results()
     results.machine = {k: v for k, v in machine_info().items() if "docker" not in k}
     results.machine["containerd"] = subprocess.run(
