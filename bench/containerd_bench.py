@@ -510,10 +510,12 @@ def parse(argv: list[str]) -> Config:
 def saved_config(path: Path) -> Config:
     """The configuration a run saved in its .json (``--report``)."""
     saved = json.loads(path.read_text())["config"]
+    default = Config()
     files, repeat, rounds, api_rounds, size_mb = (
-        int(saved[k]) for k in ("files", "repeat", "rounds", "api_rounds", "size_mb")
+        int(saved.get(k, getattr(default, k)))
+        for k in ("files", "repeat", "rounds", "api_rounds", "size_mb")
     )
-    smoke = saved["smoke"] == "True"
+    smoke = saved.get("smoke") == "True"
     return Config(files, repeat, rounds, api_rounds, size_mb, path.parent, smoke, report=path)
 
 
