@@ -112,23 +112,39 @@ def with_ancestors(changes: Iterable[Change]) -> list[Change]:
     return sort_changes(result.values())
 
 
-def walk_changes(new_root: str | Path, old_root: str | Path | None) -> list[Change]:
-    """Docker's ``ChangesDirs(new, old)``: walk both trees; ``old_root=None`` is an empty tree."""
+class WalkTooLarge(Exception):
+    """A walk given a limit met more entries than that: a native differ should answer."""
+
+
+def walk_changes(
+    new_root: str | Path, old_root: str | Path | None, limit: int | None = None
+) -> list[Change]:
+    """Docker's ``ChangesDirs(new, old)``: walk both trees; ``old_root=None`` is an empty tree.
+
+    With ``limit``, raise :class:`WalkTooLarge` as soon as the walk has met more entries (both
+    trees counted) than that, so a caller can try the walk first where trees may be small.
+    """
     with ConfinedTree(os.fspath(new_root)) as new_tree:
         if old_root is None:
             return sort_changes(added_subtree(new_tree, "/"))
         with ConfinedTree(os.fspath(old_root)) as old_tree:
-            return with_ancestors(_walk_both(new_tree, old_tree))
+            return with_ancestors(_walk_both(new_tree, old_tree, limit))
 
 
-def _walk_both(new_tree: ConfinedTree, old_tree: ConfinedTree) -> list[Change]:
+def _walk_both(
+    new_tree: ConfinedTree, old_tree: ConfinedTree, limit: int | None = None
+) -> list[Change]:
     """The changes of a walk, without ancestors; an explicit stack, so depth costs no recursion."""
     found: list[Change] = []
     stack: list[tuple[str, bool]] = [("/", True)]  # (directory, whether the old one is one too)
+    met = 0
     while stack:
         directory, old_is_dir = stack.pop()
         new_entries = new_tree.scan(directory)
         old_entries = old_tree.scan(directory) if old_is_dir else {}
+        met += len(new_entries) + len(old_entries)
+        if limit is not None and met + len(found) > limit:  # found: added subtrees too
+            raise WalkTooLarge(f"more than {limit} entries")
         added_dirs: list[str] = []
         for name, new_st in new_entries.items():
             path = _join(directory, name)
