@@ -3,7 +3,8 @@
 dockerd keeps its own metadata (BuildKit's bolt databases, the image and layer stores) under its
 data root, which for a btrfs-backed driver is on btrfs. This times what those writes cost on each
 filesystem alone, with no storage driver running: a 4 KiB overwrite and fsync of one file, and the
-create-write-fsync-rename of a new file, as bbolt and dockerd's atomic writes do.
+create-write-fsync-rename of a new file, as bbolt and dockerd's atomic writes do. On btrfs also
+while another thread makes and deletes a snapshot every 20 ms, as a build's Creates do.
 
     sudo .venv/bin/python bench/fsync_floor.py --runs 300
 """
@@ -11,10 +12,15 @@ create-write-fsync-rename of a new file, as bbolt and dockerd's atomic writes do
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import btrfsutil
 
 from snapdriver.testing.loopfs import loop_filesystem
 
@@ -49,6 +55,32 @@ def atomic_writes(directory: Path, runs: int) -> list[float]:
     return times
 
 
+@contextlib.contextmanager
+def snapshots_meanwhile(mount: Path) -> Iterator[None]:
+    """A thread that snapshots a small subvolume and deletes the snapshot, every 20 ms."""
+    base, stop = mount / "base", threading.Event()
+    btrfsutil.create_subvolume(str(base))
+    for i in range(60):
+        (base / f"f{i}").write_bytes(b"x" * 100)
+
+    def churn() -> None:
+        n = 0
+        while not stop.wait(0.02):
+            snap = mount / f"snap{n}"
+            btrfsutil.create_snapshot(str(base), str(snap))
+            btrfsutil.delete_subvolume(str(snap))
+            n += 1
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        btrfsutil.delete_subvolume(str(base))
+
+
 PROBES = (("overwrite+fdatasync", overwrite_fsync), ("atomic write", atomic_writes))
 
 
@@ -56,13 +88,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=300)
     args = parser.parse_args()
-    for fstype in ("btrfs", "ext4"):
+    for fstype, churn in (("btrfs", False), ("btrfs", True), ("ext4", False)):
         with loop_filesystem(fstype, 2048) as mount:
+            label = fstype + (" + snapshots" if churn else "")
             for name, probe in PROBES:
-                times = sorted(probe(mount, args.runs))
+                with snapshots_meanwhile(mount) if churn else contextlib.nullcontext():
+                    times = sorted(probe(mount, args.runs))
                 p50 = statistics.median(times) * 1000
                 p90 = times[int(len(times) * 0.9)] * 1000
-                print(f"{fstype:6} {name:20} p50 {p50:6.3f} ms, p90 {p90:6.3f} ms")
+                print(f"{label:17} {name:20} p50 {p50:6.3f} ms, p90 {p90:6.3f} ms")
 
 
 if __name__ == "__main__":

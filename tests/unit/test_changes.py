@@ -237,8 +237,11 @@ def test_walk_with_a_limit_answers_small_trees_and_refuses_larger(tmp_path: Path
     (new / "added").mkdir()
     (new / "added" / "x").write_text("x")
     full = walk_changes(new, old)
-    assert walk_changes(new, old, limit=100) == full  # 2 + 1 + 10 + 10 + 1 entries met
+    assert walk_changes(new, old, limit=24) == full  # / 2 + 1, added/ 1, d/ 10 + 10
+    with pytest.raises(WalkTooLarge):
+        walk_changes(new, old, limit=23)
     with pytest.raises(WalkTooLarge):
         walk_changes(new, old, limit=10)  # met in d/, before the walk's end
-    with pytest.raises(WalkTooLarge):
-        walk_changes(new, old, limit=24)  # 23 scanned, plus the added subtree's entry
+    with ConfinedTree(str(new)) as tree:  # a huge directory is not read to its end
+        assert len(tree.scan("/d", limit=3)) == 4
+        assert len(tree.scan("/d")) == 10

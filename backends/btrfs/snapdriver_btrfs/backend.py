@@ -37,7 +37,7 @@ _TRUE = ("1", "true", "yes", "on")
 _NOT_SET_UP = "the btrfs backend is not set up (no Init yet)"
 #: Entries (both trees) up to which Changes walks the trees rather than reading a send stream:
 #: the stream's two snapshots and deletions cost ~20-50 ms at any size (bench/buildkit.md).
-SMALL_WALK = 2000
+SMALL_WALK = 1000
 
 
 class BtrfsBackend:
