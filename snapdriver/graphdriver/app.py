@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import IO, Any, cast
 
@@ -124,20 +123,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             log.exception("unexpected error in %s", request.path)
             text = f"internal error in {request.path.lstrip('/')}: {type(err).__name__}: {err}"
             return reply(encode_error(text), 500)
-
-
-@web.middleware
-async def timing_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Log each call, its start and its time at debug level (the call profile of
-    bench/buildkit.md); one level check per call otherwise."""
-    if not log.isEnabledFor(logging.DEBUG):
-        return await handler(request)
-    start = time.time()
-    try:
-        return await handler(request)
-    finally:
-        ms = (time.time() - start) * 1000
-        log.debug("call %s at %.3f took %.1f ms", request.path.rsplit(".", 1)[-1], start, ms)
 
 
 @routes.post("/Plugin.Activate")
@@ -304,7 +289,7 @@ async def close_connection(request: web.Request, response: web.StreamResponse) -
 
 def create_app(driver: GraphDriver) -> web.Application:
     """The application factory: routes, the error middleware and the driver as typed state."""
-    app = web.Application(middlewares=[timing_middleware, error_middleware])
+    app = web.Application(middlewares=[error_middleware])
     app[DRIVER] = driver
     app.add_routes(routes)
     app.on_response_prepare.append(close_connection)

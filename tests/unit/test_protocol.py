@@ -125,18 +125,21 @@ def test_every_reply_closes_its_connection(tmp_path: Path, path: str, body: byte
 
 
 def test_debug_logging_times_every_call(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """The call profile of bench/buildkit.md: one debug line per call, also a failed one."""
+    """The call profile of bench/buildkit.md: one debug record per call, also a failed one."""
 
     async def scenario(client: Client) -> None:
         await post(client, "/GraphDriver.Get", b'{"ID":"%s"}\n' % ID.encode())
         await post(client, "/GraphDriver.Capabilities", b"{}")
 
-    with caplog.at_level(logging.DEBUG, logger="snapdriver.graphdriver.app"):
+    with caplog.at_level(logging.DEBUG, logger="snapdriver.calls"):
         run(with_client(tmp_path, scenario))
-    timed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("call ")]
-    assert [line.split()[1] for line in timed] == ["Get", "Capabilities"]
-    assert all(line.endswith(" ms") for line in timed)
+    calls = [r for r in caplog.records if r.name == "snapdriver.calls"]
+    assert [(r.call, r.outcome) for r in calls] == [  # type: ignore[attr-defined]
+        ("GraphDriver.Get", "NotInitialisedError"),
+        ("GraphDriver.Capabilities", "ok"),
+    ]
+    assert all(r.getMessage().endswith(" ms") for r in calls)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="snapdriver.graphdriver.app"):
+    with caplog.at_level(logging.INFO, logger="snapdriver.calls"):
         run(with_client(tmp_path, scenario))
-    assert not [r for r in caplog.records if r.getMessage().startswith("call ")]
+    assert not [r for r in caplog.records if r.name == "snapdriver.calls"]
