@@ -84,6 +84,7 @@ async def serving(core: Core, path: Path, store: KeyStore | None = None) -> Asyn
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()  # gone first: a client dialling now fails at once
             await server.stop(STOP_GRACE)
+            await service.release()
 
 
 @dataclass

@@ -158,7 +158,21 @@ class SnapshotService:
                     del self._waiting[key]
                     self._locks.pop(key, None)
 
-    # -- start-up ------------------------------------------------------------------------------
+    # -- start-up and stop ---------------------------------------------------------------------
+
+    async def release(self) -> None:
+        """At stop: let go of the mounts held for active snapshots and views.
+
+        A ZFS layer is mounted under the root while its snapshot is open; left mounted, a stopped
+        front would leave mounts nobody owns (a container keeps its own bind mount of it). The
+        next start mounts them again (:meth:`reconcile`), so Mounts answers as before.
+        """
+        for layer in list(self._paths):
+            try:
+                await self.core.put(layer)
+            except Exception as err:  # one layer that cannot be released keeps no other held
+                log.warning("layer %s not released at stop: %s", layer, err)
+            del self._paths[layer]
 
     async def reconcile(self) -> None:
         """Bring the key store and the core's record together after a stop or a crash."""
