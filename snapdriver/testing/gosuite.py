@@ -53,6 +53,8 @@ SUBTESTS = (
 )
 EXPECTED_SKIPS = frozenset({"Rename"})
 TOP = "TestSnapdriver"
+#: A Go test's own error line (``t.Errorf`` and friends): ``    file_test.go:123: message``.
+_GO_ERROR = re.compile(r"^\s+\S+\.go:\d+: ")
 _RESULT = re.compile(rf"^\s*--- (PASS|FAIL|SKIP): {TOP}(?:/(\S+))? \(([\d.]+)s\)")
 
 
@@ -178,7 +180,15 @@ class SuiteRun:
     def failure_report(self, lines: int = 120) -> str:
         """The problems and the end of the output, for an assertion message."""
         tail = "\n".join(self.output.splitlines()[-lines:])
-        return "; ".join(self.problems()) + "\n--- suite output (end) ---\n" + tail
+        # The fronts' logs come last and can push the suite's own errors out of the tail.
+        errors = [line for line in self.output.splitlines() if _GO_ERROR.match(line)][:60]
+        return (
+            "; ".join(self.problems())
+            + "\n--- the suite's errors ---\n"
+            + "\n".join(errors)
+            + "\n--- suite output (end) ---\n"
+            + tail
+        )
 
 
 def parse(output: str, returncode: int, seconds: float) -> SuiteRun:
