@@ -53,6 +53,8 @@ SUBTESTS = (
 )
 EXPECTED_SKIPS = frozenset({"Rename"})
 TOP = "TestSnapdriver"
+#: A Go test's own error line (``t.Errorf`` and friends): ``    file_test.go:123: message``.
+_GO_ERROR = re.compile(r"^\s+\S+\.go:\d+: ")
 _RESULT = re.compile(rf"^\s*--- (PASS|FAIL|SKIP): {TOP}(?:/(\S+))? \(([\d.]+)s\)")
 
 
@@ -178,7 +180,15 @@ class SuiteRun:
     def failure_report(self, lines: int = 120) -> str:
         """The problems and the end of the output, for an assertion message."""
         tail = "\n".join(self.output.splitlines()[-lines:])
-        return "; ".join(self.problems()) + "\n--- suite output (end) ---\n" + tail
+        # The fronts' logs come last and can push the suite's own errors out of the tail.
+        errors = [line for line in self.output.splitlines() if _GO_ERROR.match(line)][:60]
+        return (
+            "; ".join(self.problems())
+            + "\n--- the suite's errors ---\n"
+            + "\n".join(errors)
+            + "\n--- suite output (end) ---\n"
+            + tail
+        )
 
 
 def parse(output: str, returncode: int, seconds: float) -> SuiteRun:
@@ -251,3 +261,49 @@ def _front_logs(sockets: Path, lines: int = 15) -> str:
         text = log.read_text(errors="replace").splitlines()[-lines:]
         parts.append(f"\n--- front log {log.name} ---\n" + "\n".join(text))
     return "".join(parts)
+
+
+#: Where the host leaves the suite binary for the ZFS lab guest, which has no Go (the guest shares
+#: the checkout at the same path). Git-ignored.
+LAB_BIN = Path(__file__).resolve().parents[2] / ".lab-bin"
+SUITE_SOURCE = Path(__file__).resolve().parents[2] / "tests/containerd/suite"
+SUITE_BINARY = "snapsuite.test"
+
+
+def suite_sources_key(source: Path = SUITE_SOURCE) -> str:
+    """A hash of the suite's own .go files, which the guest can compute without Go."""
+    digest = hashlib.sha256()
+    for path in sorted(source.glob("*.go")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:20]
+
+
+def export_for_lab(dest: Path = LAB_BIN) -> Path:
+    """Build (or take from the cache) the suite binary and copy it to ``dest`` with a stamp of
+    its sources, so the lab guest can run it and tell a stale copy."""
+    built = build(SUITE_SOURCE, SUITE_BINARY, test=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    partial = dest / f".{SUITE_BINARY}.{os.getpid()}"
+    shutil.copy2(built.path, partial)
+    partial.rename(dest / SUITE_BINARY)
+    (dest / f"{SUITE_BINARY}.key").write_text(suite_sources_key() + "\n")
+    return dest / SUITE_BINARY
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python -m snapdriver.testing.gosuite export``: leave the binary in .lab-bin/."""
+    if list(argv) != ["export"]:
+        print("usage: python -m snapdriver.testing.gosuite export")
+        return 2
+    why = unavailable()
+    if why is not None:
+        print(f"gosuite: CANNOT BUILD the containerd suite for the lab: {why}")
+        return 1
+    print(f"gosuite: {export_for_lab()}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(sys.argv[1:]))

@@ -6,7 +6,8 @@
 //
 //	COMMAND... --root ROOT --listen unix://SOCKET
 //
-// where COMMAND comes from -snapdriver.command or $SNAPDRIVER_SUITE_COMMAND (split on spaces), ROOT
+// where COMMAND comes from -snapdriver.command or $SNAPDRIVER_SUITE_COMMAND (split on spaces, each
+// "{n}" in it replaced by the front's number, so a ZFS front gets a dataset of its own), ROOT
 // is the subtest's fresh directory under $TMPDIR (which must be on btrfs for the btrfs backend) and
 // SOCKET is a short path in -snapdriver.sockets. Each front's output goes to SOCKET's name + ".log".
 package suite
@@ -41,7 +42,8 @@ const maxSocketPath = 107
 
 var (
 	command = flag.String("snapdriver.command", os.Getenv("SNAPDRIVER_SUITE_COMMAND"),
-		"the front's start command, split on spaces; --root and --listen are appended")
+		"the front's start command, split on spaces, {n} replaced by the front's number; "+
+			"--root and --listen are appended")
 	name = flag.String("snapdriver.name", "snapdriver",
 		"the snapshotter name sent in every request")
 	socketDir = flag.String("snapdriver.sockets", "",
@@ -76,6 +78,7 @@ func TestSnapdriver(t *testing.T) {
 type front struct {
 	cmd    *exec.Cmd
 	exited chan struct{} // closed once cmd.Wait returned
+	number int64
 	socket string
 	logs   string
 	root   string
@@ -89,7 +92,7 @@ func newFront(ctx context.Context, root string) (snapshots.Snapshotter, func() e
 	if len(socket) > maxSocketPath {
 		return nil, nil, fmt.Errorf("socket path %q is longer than %d bytes", socket, maxSocketPath)
 	}
-	f := &front{socket: socket, logs: socket + ".log", root: root, exited: make(chan struct{})}
+	f := &front{number: n, socket: socket, logs: socket + ".log", root: root, exited: make(chan struct{})}
 	if err := f.start(); err != nil {
 		return nil, nil, err
 	}
@@ -103,7 +106,7 @@ func newFront(ctx context.Context, root string) (snapshots.Snapshotter, func() e
 }
 
 func (f *front) start() error {
-	args := strings.Fields(*command)
+	args := strings.Fields(strings.ReplaceAll(*command, "{n}", fmt.Sprint(f.number)))
 	args = append(args, "--root", f.root, "--listen", "unix://"+f.socket)
 	out, err := os.Create(f.logs)
 	if err != nil {
