@@ -12,13 +12,31 @@ from aiohttp.base_protocol import BaseProtocol
 from snapdriver.streams import ThreadReader
 
 
+class _Protocol(BaseProtocol):
+    """A connection without an HTTP parser: aiohttp's own pauses the parser with the transport,
+    and asserts it has one, when the body's buffer fills (a feeder ahead of a slow reader)."""
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        self._reading_paused = False
+
+
 async def _feed(content: StreamReader, data: bytes, chunk: int) -> None:
-    """Feed ``data`` in HTTP chunks of ``chunk`` bytes, yielding to the loop between them."""
-    for start in range(0, len(data), chunk):
-        content.begin_http_chunk_receiving()
-        content.feed_data(data[start : start + chunk])
-        content.end_http_chunk_receiving()
-        await asyncio.sleep(0)
+    """Feed ``data`` in HTTP chunks of ``chunk`` bytes, yielding to the loop between them.
+
+    A failure here reaches the reader (it would otherwise wait for the rest for ever).
+    """
+    try:
+        for start in range(0, len(data), chunk):
+            content.begin_http_chunk_receiving()
+            content.feed_data(data[start : start + chunk])
+            content.end_http_chunk_receiving()
+            await asyncio.sleep(0)
+    except Exception as err:
+        content.set_exception(err)
+        raise
     content.feed_eof()
 
 
@@ -26,7 +44,7 @@ async def _body() -> tuple[StreamReader, socket.socket]:
     """A request body reader on a real (idle) connection, which its flow control pauses."""
     loop = asyncio.get_running_loop()
     ours, theirs = socket.socketpair()
-    protocol = BaseProtocol(loop)
+    protocol = _Protocol(loop)
     await loop.connect_accepted_socket(lambda: protocol, ours)
     return StreamReader(protocol, 2**16, loop=loop), theirs
 
