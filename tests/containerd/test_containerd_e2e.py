@@ -91,21 +91,29 @@ class Env:
 
     def wait_for_front_subvolumes(self, count: int) -> list[str]:
         """containerd removes snapshots in its garbage collector, after the call that freed them."""
-        deadline = nudge = time.monotonic() + GC_TIMEOUT
+        deadline = time.monotonic() + GC_TIMEOUT
         found = self.front_subvolumes()
         while len(found) != count and time.monotonic() < deadline:
+            # A Remove that failed (a rootfs the shim was still unmounting), or one asked for
+            # while a collection was sweeping, waits for the next collection: ask for it.
+            self.containerd.collect()
             time.sleep(0.2)
-            if time.monotonic() > nudge - GC_TIMEOUT + 15:
-                # A Remove that failed (a rootfs the shim was still unmounting) is retried
-                # only at the next collection; a deletion schedules one.
-                nudge += 15
-                self.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "prepare", "gc-nudge")
-                self.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "rm", "gc-nudge")
             found = self.front_subvolumes()
         return found
 
     def logs(self) -> str:
-        return (
+        listings = [
+            f"--- ctr -n {ns} {' '.join(args)} ---\n"
+            + self.containerd.ctr(*args, namespace=ns, check=False).stdout
+            for ns in (NS_A, NS_B)
+            for args in (
+                ("containers", "ls"),
+                ("tasks", "ls"),
+                ("snapshots", "--snapshotter", SNAPSHOTTER, "ls"),
+                ("leases", "ls"),
+            )
+        ]
+        return "\n".join(listings) + (
             f"--- containerd log ---\n{self.containerd.log_tail()}\n"
             f"--- front log ---\n{self.front.log_tail()}"
         )
