@@ -245,15 +245,12 @@ class ContainerdFront(Front):
         self.log = socket_path.with_suffix(".log")
         self.backend = backend
         self.program = list(program or [sys.executable, "-m", "snapdriver.containerd"])
-        # The front's own debug log (its refused calls) when a test fails; a control may not
-        # take the option.
-        self.options = [] if program else ["--log-level", "debug"]
         SOCKETS.append(socket_path)
 
     def command(self) -> list[str]:
         backend = ["--backend", self.backend] if self.backend else []
         listen = ["--root", str(self.root), "--listen", f"unix://{self.socket}"]
-        return [*self.program, *backend, *listen, *self.options]
+        return [*self.program, *backend, *listen]
 
     def start(self, timeout: float = 120) -> None:
         self.socket.parent.mkdir(parents=True, exist_ok=True)

@@ -101,6 +101,16 @@ class Env:
             found = self.front_subvolumes()
         return found
 
+    def wait_for_the_front(self, timeout: float = 60.0) -> None:
+        """containerd redials a restarted proxy snapshotter after a backoff of up to seconds;
+        until then its calls to it fail UNAVAILABLE ("Error while dialing ... timeout")."""
+        deadline = time.monotonic() + timeout
+        args = ("snapshots", "--snapshotter", SNAPSHOTTER, "ls")
+        while (done := self.containerd.ctr(*args, namespace=NS_A, check=False)).returncode:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"containerd did not reach the front: {done.stderr}")
+            time.sleep(0.5)
+
     def logs(self) -> str:
         listings = [
             f"--- ctr -n {ns} {' '.join(args)} ---\n"
@@ -203,6 +213,7 @@ def test_a_running_container_survives_a_restart_of_the_front(env: Env) -> None:
     before = env.snapshots()
     assert before.get("long") == "Active"
     env.front.restart()
+    env.wait_for_the_front()
     exec_out = env.ctr("tasks", "exec", "--exec-id", "e1", "long", "sh", "-c", f"cat /{ADDED}")
     assert exec_out.splitlines() == [MARKER.decode()]
     assert env.snapshots() == before
