@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import pytest
 from snapdriver_btrfs.testing import subvolume_paths
 
@@ -123,6 +124,14 @@ class Env:
                 ("leases", "ls"),
             )
         ]
+        client = self.front.client()
+        try:  # what the front itself names: a subvolume beyond these is no snapshot of it
+            names = sorted(f"{i.name} {i.kind}" for i in client.list())
+        except grpc.RpcError as err:
+            names = [f"(List failed: {err})"]
+        finally:
+            client.close()
+        listings.append("--- the front's own snapshots ---\n" + "\n".join(names))
         return "\n".join(listings) + (
             f"--- containerd log ---\n{self.containerd.log_tail()}\n"
             f"--- front log ---\n{self.front.log_tail()}"
