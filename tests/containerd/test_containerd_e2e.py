@@ -68,24 +68,21 @@ class Env:
             raise AssertionError(f"{err}\n{self.logs()}") from None
 
     def run(self, container: str, script: str, ns: str = NS_A) -> list[str]:
-        """``ctr run --rm``; the output as the shim wrote it to a file: ctr's own copy through
-        its FIFOs of a short-lived container's output came back empty under load (2 in 8 runs)."""
-        log = self.mnt / f"ctr-run-{uuid.uuid4().hex[:8]}.log"
+        """``ctr run --rm``: the container's output lines."""
+        args = ("--snapshotter", SNAPSHOTTER, IMAGE, container, "sh", "-c", script)
+        return self.output(("run",), ("--rm", *args), ns=ns)
+
+    def exec(self, task: str, exec_id: str, script: str) -> list[str]:
+        """``ctr tasks exec`` in ``task``: the process's output lines."""
+        return self.output(("tasks", "exec"), ("--exec-id", exec_id, task, "sh", "-c", script))
+
+    def output(self, verb: tuple[str, ...], args: tuple[str, ...], ns: str = NS_A) -> list[str]:
+        """The output of a ``ctr run`` or ``tasks exec`` as the shim wrote it to a file: ctr's
+        own copy through its FIFOs of a short-lived process's output came back empty under load
+        (2 in 8 runs)."""
+        log = self.mnt / f"ctr-out-{uuid.uuid4().hex[:8]}.log"
         try:
-            self.ctr(
-                "run",
-                "--rm",
-                "--log-uri",
-                f"file://{log}",
-                "--snapshotter",
-                SNAPSHOTTER,
-                IMAGE,
-                container,
-                "sh",
-                "-c",
-                script,
-                ns=ns,
-            )
+            self.ctr(*verb, "--log-uri", f"file://{log}", *args, ns=ns)
             return log.read_text().splitlines()
         finally:
             log.unlink(missing_ok=True)
@@ -240,8 +237,7 @@ def test_a_running_container_survives_a_restart_of_the_front(env: Env) -> None:
     assert before.get("long") == "Active"
     env.front.restart()
     env.wait_for_the_front()
-    exec_out = env.ctr("tasks", "exec", "--exec-id", "e1", "long", "sh", "-c", f"cat /{ADDED}")
-    assert exec_out.splitlines() == [MARKER.decode()]
+    assert env.exec("long", "e1", f"cat /{ADDED}") == [MARKER.decode()]
     assert env.snapshots() == before
     # Every snapshot is still known to the front (Usage is answered by the front, not the DB) ...
     assert usage(env).keys() == before.keys()
@@ -254,8 +250,7 @@ def test_a_running_container_survives_a_restart_of_containerd(env: Env) -> None:
     env.containerd.restart()
     tasks = env.ctr("tasks", "ls")
     assert any(line.split()[:1] == ["long"] and "RUNNING" in line for line in tasks.splitlines())
-    exec_out = env.ctr("tasks", "exec", "--exec-id", "e2", "long", "sh", "-c", "echo alive")
-    assert exec_out.splitlines() == ["alive"]
+    assert env.exec("long", "e2", "echo alive") == ["alive"]
     assert env.snapshots() == before
     assert env.run("c4", f"cat /{KEPT}") == ["kept"]
     env.ctr("tasks", "kill", "-s", "SIGKILL", "long")
