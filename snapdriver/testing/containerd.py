@@ -427,6 +427,17 @@ class Containerd:
             )
         return done
 
+    def collect(self, namespace: str | None = None) -> None:
+        """One full garbage collection, begun after this call and waited for.
+
+        containerd drops a deletion's request for a collection when it lands while a collection
+        is removing from the snapshotters (its time is before that collection's end), so a
+        snapshot removed then stays in the snapshotter until something else asks for one. A
+        synchronous lease delete asks, and waits until the snapshotters have been swept.
+        """
+        lease = self.ctr("leases", "create", namespace=namespace).stdout.split()[0]
+        self.ctr("leases", "delete", "--sync", lease, namespace=namespace)
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

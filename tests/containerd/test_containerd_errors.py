@@ -72,9 +72,11 @@ class Env:
         return sorted((i.name, i.parent, i.kind, dict(i.labels)) for i in self.client.list())
 
     def settled(self, expected: list[tuple[str, str, int, dict[str, str]]]) -> list[Any]:
-        """The state once containerd's garbage collector has caught up (it removes later)."""
+        """The state once containerd's garbage collector has caught up (it removes later, and
+        may not at all until asked again: see Containerd.collect)."""
         deadline = time.monotonic() + 120
         while (state := self.state()) != expected and time.monotonic() < deadline:
+            self.containerd.collect()
             time.sleep(0.2)
         return state
 
