@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -32,11 +33,12 @@ from snapdriver.errors import (
     LayerBusyError,
     LayerExistsError,
     LayerNotFoundError,
+    NoSpaceError,
     NotInitialisedError,
     SnapdriverError,
 )
 from snapdriver.hookspec import BackendConfig, CreateRequest
-from snapdriver.layers.apply import apply_tar
+from snapdriver.layers.apply import UnpackNoSpaceError, apply_tar
 from snapdriver.layers.archive import export_changes, export_tree
 from snapdriver.layers.changes import Change, ChangeKind, changes_size, walk_changes
 from snapdriver.layers.idmap import IDMapping
@@ -52,6 +54,11 @@ REFS_FLUSH_DELAY = 0.5
 #: 32 streams of 50 MiB at once took the plugin to a 208-237 MiB peak RSS unbounded, 120-125 MiB
 #: with 8 unpacking, 107-116 MiB with 4, in about the same time (bench/scale.md).
 APPLY_CONCURRENCY = 4
+#: Longest wait for the space of a removed layer to be free again before a reply.
+RECLAIM_TIMEOUT = 60.0
+#: Below this much free space (the larger of the two), a Remove waits for the space it frees:
+#: a user short of space removes images to pull another at once (btrfs frees it up to ~30 s late).
+LOW_SPACE_BYTES, LOW_SPACE_FRACTION = 1 << 30, 0.05
 
 
 @dataclass
@@ -187,14 +194,19 @@ class Core:
         store = self.store
         removed = []
         known = {r.id: r for r in store.all()}
+        stored = set(await asyncio.to_thread(self.backend.layers))
         for record in known.values():
             if record.status in (Status.CREATING, Status.APPLYING, Status.REMOVING):
                 await self._destroy(record.id)
                 removed.append(record.id)
-        for layer in await asyncio.to_thread(self.backend.layers):
-            if layer not in known:
-                await asyncio.to_thread(self.backend.remove, layer)
-                removed.append(layer)
+            elif record.status == Status.READY and record.id not in stored:
+                # Removed while its record could not be written (a full disk), then a crash.
+                log.warning("layer %s is recorded, its storage gone: forgetting it", record.id)
+                store.delete(record.id)
+                removed.append(record.id)
+        for layer in sorted(stored - known.keys()):
+            await asyncio.to_thread(self.backend.remove, layer)
+            removed.append(layer)
         if removed:
             log.warning("removed %d half-made or unrecorded layers: %s", len(removed), removed)
         return removed
@@ -283,6 +295,9 @@ class Core:
     def _set_refs(self, layer: str, refs: int) -> None:
         """External references: in memory now, on disk within :data:`REFS_FLUSH_DELAY`."""
         self.store.set_refs(layer, refs)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if self._refs_flush is None:
             loop = asyncio.get_running_loop()
             self._refs_flush = loop.call_later(REFS_FLUSH_DELAY, self._flush_refs)
@@ -293,10 +308,9 @@ class Core:
             return
         try:
             self._store.flush_refs()
-        except sqlite3.Error as err:
-            log.warning("cannot write reference counts (will retry): %s", err)
-            loop = asyncio.get_running_loop()
-            self._refs_flush = loop.call_later(REFS_FLUSH_DELAY, self._flush_refs)
+        except (sqlite3.Error, NoSpaceError) as err:
+            log.warning("cannot write reference counts or deletions (will retry): %s", err)
+            self._schedule_flush()
 
     @contextlib.asynccontextmanager
     async def _mounted(self, *layers: str) -> AsyncIterator[list[Path]]:
@@ -316,12 +330,59 @@ class Core:
                     await self._release_if_unused(layer)
 
     async def _destroy(self, layer: str) -> None:
-        """Unmount and remove from storage, then forget; the record goes last."""
-        self.store.set_status(layer, Status.REMOVING)
+        """Unmount and remove from storage, then forget; the record goes last.
+
+        On a full disk neither record write may stop the removal, which is what frees space:
+        without the ``removing`` mark a crash leaves a record without storage, which the next
+        start forgets; a deletion that cannot be written yet is written later.
+        """
+        try:
+            self.store.set_status(layer, Status.REMOVING)
+        except NoSpaceError as err:
+            log.warning("removing layer %s without marking it first: %s", layer, err)
         if layer in self._paths:
             await self._unmount(layer)
         await asyncio.to_thread(self.backend.remove, layer)
         self.store.delete(layer)
+        if self.store.deletions_pending() or self._space_low():
+            await self._after_full_disk_removal()
+
+    def _space_low(self) -> bool:
+        """The record's filesystem (the layers', for btrfs) is short of space."""
+        try:
+            st = os.statvfs(self.store.path)
+        except OSError:
+            return False
+        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        return free < max(LOW_SPACE_BYTES, total * LOW_SPACE_FRACTION)
+
+    async def _after_full_disk_removal(self) -> None:
+        """Reply once the space is free, as after a failed ApplyDiff; then write the deletion.
+
+        A user who removes layers to make room, and pulls again at once, finds the room there.
+        """
+        await asyncio.to_thread(self.backend.reclaim, RECLAIM_TIMEOUT)
+        try:
+            self.store.flush_refs()
+        except NoSpaceError as err:
+            log.warning("deletions not written yet (will retry): %s", err)
+            self._schedule_flush()
+
+    async def _give_back(self, layer: str) -> None:
+        """After a full disk: remove the layer's storage and wait until its space is free.
+
+        The record stays, marked failed, for dockerd's Remove (which it sends next).
+        """
+        started = time.monotonic()
+        if layer in self._paths:
+            await self._unmount(layer)
+        await asyncio.to_thread(self.backend.remove, layer)
+        await asyncio.to_thread(self.backend.reclaim, RECLAIM_TIMEOUT)
+        log.info("space of layer %s given back in %.2f s", layer, time.monotonic() - started)
+        try:
+            self.store.set_status(layer, Status.FAILED)
+        except NoSpaceError as err:  # marked applying: the next start removes it
+            log.warning("layer %s not marked failed: %s", layer, err)
 
     # -- operations on layers ----------------------------------------------------------------
 
@@ -335,17 +396,23 @@ class Core:
                 await self._destroy(layer)  # a leftover of a crash or a failed ApplyDiff
             if parent:
                 self._require(parent)
-            self.store.add(layer, parent, quota)
             try:
-                request = CreateRequest(layer, parent, quota)
-                await asyncio.to_thread(self.backend.create, request)
-                if self.idmap is not None:
-                    await self._own_root(layer, self.idmap)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await self._destroy(layer)
-                raise
+                await self._create(layer, parent, quota)
+            except NoSpaceError as err:
+                raise NoSpaceError(f"{_reason(err)} while creating layer {layer}") from err
+
+    async def _create(self, layer: str, parent: str | None, quota: int | None) -> None:
+        self.store.add(layer, parent, quota)
+        try:
+            request = CreateRequest(layer, parent, quota)
+            await asyncio.to_thread(self.backend.create, request)
+            if self.idmap is not None:
+                await self._own_root(layer, self.idmap)
             self.store.set_status(layer, Status.READY)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._destroy(layer)
+            raise
 
     async def _own_root(self, layer: str, idmap: IDMapping) -> None:
         """The new layer's root belongs to the remapped root, its directories let it through
@@ -463,18 +530,40 @@ class Core:
                 log.warning(
                     "ApplyDiff %s: parent %s differs from recorded %s", layer, parent, record.parent
                 )
-            self.store.set_status(layer, Status.APPLYING)
-            self._internal_refs[layer] += 1
             try:
-                layer_dir = await self._acquire(layer)
-                async with self._unpacking:
-                    size = await asyncio.to_thread(apply_tar, layer_dir, stream, self.idmap)
+                self.store.set_status(layer, Status.APPLYING)
+                size = await self._apply(layer, stream)
+                self.store.set_status(layer, Status.READY)
+            except NoSpaceError as err:
+                await self._give_back(layer)
+                raise NoSpaceError(_apply_failure(err, layer)) from err
             except BaseException:
                 self.store.set_status(layer, Status.FAILED)
                 raise
-            finally:
-                self._internal_refs[layer] -= 1
-                with contextlib.suppress(SnapdriverError, OSError):
-                    await self._release_if_unused(layer)
-            self.store.set_status(layer, Status.READY)
             return size
+
+    async def _apply(self, layer: str, stream: IO[bytes]) -> int:
+        self._internal_refs[layer] += 1
+        try:
+            layer_dir = await self._acquire(layer)
+            async with self._unpacking:
+                return await asyncio.to_thread(apply_tar, layer_dir, stream, self.idmap)
+        finally:
+            self._internal_refs[layer] -= 1
+            with contextlib.suppress(SnapdriverError, OSError):
+                await self._release_if_unused(layer)
+
+
+def _reason(err: NoSpaceError) -> str:
+    """Which limit was hit, in the words of ``strerror``."""
+    reason = getattr(err, "reason", "")
+    if reason:
+        return str(reason)
+    return "disk quota exceeded" if "quota" in str(err).lower() else "no space left on device"
+
+
+def _apply_failure(err: NoSpaceError, layer: str) -> str:
+    """One line: ``no space left on device while applying layer X after N bytes``."""
+    if isinstance(err, UnpackNoSpaceError):
+        return f"{err.reason} while applying layer {layer} after {err.unpacked} bytes"
+    return f"{_reason(err)} while applying layer {layer} (the layer record: {err})"

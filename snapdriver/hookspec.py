@@ -197,3 +197,13 @@ def snapdriver_metadata(layer: str) -> dict[str, str]:
 @hookspec
 def snapdriver_cleanup() -> None:
     """dockerd is shutting down (Cleanup). Release caches; never undo user settings."""
+
+
+@hookspec
+def snapdriver_reclaim(timeout: float) -> None:
+    """Return once the space of the layers removed so far is free again, or after ``timeout`` s.
+
+    Called after a layer that filled the filesystem was removed, before the caller is answered,
+    so the next write finds the space. Optional: for a filesystem that frees space in the
+    background (btrfs's cleaner drops deleted subvolumes after the call returned) it waits.
+    """

@@ -110,6 +110,9 @@ class Backend:
     def commit(self, layer: str) -> None:
         self._hook.snapdriver_commit(layer=layer)
 
+    def reclaim(self, timeout: float) -> None:
+        self._hook.snapdriver_reclaim(timeout=timeout)
+
     def instant_mounts(self) -> bool:
         return bool(self._hook.snapdriver_instant_mounts())
 

@@ -164,7 +164,10 @@ class GraphDriver:
         idmap = IDMapping.create(uid_maps, gid_maps)
         record = InitRecord(Path(home), tuple(options), idmap)
         await self._open(record)
-        record.save(self.state_dir)
+        try:
+            record.save(self.state_dir)
+        except OSError as err:  # a full disk: serve now; after a restart, the next Init
+            log.warning("cannot record this Init in %s: %s", self.state_dir, err)
         self._not_resumed = ""
 
     async def _open(self, record: InitRecord) -> None:

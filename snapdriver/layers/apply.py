@@ -21,7 +21,7 @@ import stat
 import tarfile
 from typing import IO
 
-from snapdriver.errors import ArchiveError
+from snapdriver.errors import ArchiveError, NoSpaceError
 from snapdriver.layers.idmap import IDMapping
 from snapdriver.layers.rootfs import (
     lstat_at,
@@ -39,6 +39,19 @@ WHITEOUT_OPAQUE = ".wh..wh..opq"
 _XATTR_PREFIX = "SCHILY.xattr."
 _CHUNK = 1 << 20
 _NODE_TYPES = {tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK}
+
+
+#: A full filesystem or quota: the layer is not at fault, and the caller's clean-up differs.
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class UnpackNoSpaceError(NoSpaceError):
+    """The filesystem or quota filled up while unpacking, after ``unpacked`` bytes of content."""
+
+    def __init__(self, reason: str, unpacked: int) -> None:
+        super().__init__(f"{reason} after {unpacked} bytes")
+        self.reason = reason
+        self.unpacked = unpacked
 
 
 def clean_name(name: str) -> str:
@@ -287,19 +300,30 @@ def apply_tar(
         unpacker = _Unpacker(root_fd, tar, idmap)
         try:
             for member in members(tar):
+                _unpack(unpacker, member, total)
                 total += member.size
-                try:
-                    unpacker.entry(member)
-                except ArchiveError:
-                    raise
-                except OSError as err:
-                    message = f"cannot unpack {member.name!r}: {err.strerror or err}"
-                    raise ArchiveError(message) from err
-                except (ValueError, OverflowError) as err:  # NUL in a name, absurd ids or times
-                    raise ArchiveError(f"cannot unpack {member.name!r}: {err}") from err
         finally:
             unpacker.close()
-        unpacker.finish()
+        try:
+            unpacker.finish()
+        except OSError as err:
+            if err.errno in NO_SPACE_ERRNOS:
+                raise UnpackNoSpaceError(os.strerror(err.errno).lower(), total) from err
+            raise
         return total
     finally:
         os.close(root_fd)
+
+
+def _unpack(unpacker: _Unpacker, member: tarfile.TarInfo, unpacked: int) -> None:
+    """One entry; errors become ArchiveError, except a full disk (``unpacked`` bytes so far)."""
+    try:
+        unpacker.entry(member)
+    except ArchiveError:
+        raise
+    except OSError as err:
+        if err.errno in NO_SPACE_ERRNOS:
+            raise UnpackNoSpaceError(os.strerror(err.errno).lower(), unpacked) from err
+        raise ArchiveError(f"cannot unpack {member.name!r}: {err.strerror or err}") from err
+    except (ValueError, OverflowError) as err:  # NUL in a name, absurd ids or times
+        raise ArchiveError(f"cannot unpack {member.name!r}: {err}") from err

@@ -1,10 +1,12 @@
 """The persisted record of layers.
 
 Everything the core needs to carry on after a restart lives on disk, in ``snapdriver.db`` in the
-backend's Home (SQLite in WAL mode): which layers exist, their parents, whether they are complete
-or frozen, and how many references the front holds. A layer is recorded as ``creating`` before
-the backend makes it and as ``ready`` only after; anything not ``ready`` at start-up is a leftover
-of a crash. A layer is marked frozen only after the backend froze it.
+backend's Home (SQLite in WAL mode with an exclusive lock, so no other process can write it and
+its wal-index lives in this process's memory: no file on the layer filesystem is ever mmapped):
+which layers exist, their parents, whether they are complete or frozen, and how many references
+the front holds. A layer is recorded as ``creating`` before the backend makes it and as ``ready``
+only after; anything not ``ready`` at start-up is a leftover of a crash. A layer is marked frozen
+only after the backend froze it.
 
 Every change to which layers exist and what state they are in is its own committed transaction
 before the call returns. Reference counts change on every Get and Put, the plugin's hottest
@@ -12,13 +14,21 @@ calls, so they are kept in memory and written behind (:meth:`LayerStore.flush_re
 driver runs shortly after a change and at shutdown): a SIGKILL can lose the last fraction of a
 second of them, never a layer or its status. Records are read from a mirror in memory: this
 process is the only writer of its Home's record.
+
+A full filesystem is an ordinary condition: the record opens and reads on one, a write that
+cannot get space raises :class:`~snapdriver.errors.NoSpaceError` and changes nothing (on disk or
+in the mirror), and a deletion that cannot be written yet is applied to the mirror and written
+with the next transaction that gets space (see :meth:`LayerStore.delete`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
+import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -26,6 +36,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from snapdriver.errors import NoSpaceError
+
+log = logging.getLogger(__name__)
 
 DB_NAME = "snapdriver.db"
 
@@ -75,15 +89,31 @@ class LayerStore:
         self.path = home / DB_NAME
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        self._migrate()
-        rows = self._db.execute(f"SELECT {_COLUMNS} FROM layers").fetchall()
+        try:
+            # Exclusive before WAL: SQLite then keeps the wal-index in heap memory instead of an
+            # mmapped -shm file, whose pages a full copy-on-write filesystem answers with SIGBUS.
+            self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            if not self._has_schema():  # only a new record is written to at open
+                self._db.executescript(_SCHEMA)
+            self._migrate()
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM layers").fetchall()
+        except sqlite3.Error as err:
+            self._db.close()
+            if _no_space(err):
+                raise NoSpaceError(_no_space_message(err, "open", self.path)) from err
+            raise
         self._records = {row[0]: _record(row) for row in rows}
         # Kept as the mirror changes: Status reports it, and counting 10,000 records cost 0.5 ms.
         self._counts = Counter(r.status for r in self._records.values())
         self._dirty_refs: set[str] = set()
+        #: Deleted in the mirror, still on disk: written with the next transaction that has space.
+        self._pending_deletes: set[str] = set()
+
+    def _has_schema(self) -> bool:
+        query = "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'layers'"
+        return bool(self._db.execute(query).fetchone()[0])
 
     def _migrate(self) -> None:
         """A record written before layers could be frozen gains the column (none is frozen)."""
@@ -92,23 +122,39 @@ class LayerStore:
             self._db.execute("ALTER TABLE layers ADD COLUMN frozen INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
-        """Write pending reference counts, then close the database."""
+        """Write pending reference counts and deletions, then close the database."""
         try:
             self.flush_refs()
+        except NoSpaceError as err:
+            log.warning("closing the layer record without its last changes: %s", err)
         finally:
             with self._lock:
                 self._db.close()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One committed transaction; the caller holds ``_lock``."""
-        self._db.execute("BEGIN IMMEDIATE")
+        """One committed transaction; the caller holds ``_lock``.
+
+        Deletions still pending are written first, in the same transaction. A failure rolls
+        everything back and raises :class:`NoSpaceError` when the filesystem is full.
+        """
         try:
+            self._db.execute("BEGIN IMMEDIATE")
+            if self._pending_deletes:
+                pending = [(layer,) for layer in self._pending_deletes]
+                self._db.executemany("DELETE FROM layers WHERE id = ?", pending)
             yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
+            self._db.execute("COMMIT")
+        except BaseException as err:
+            if self._db.in_transaction:  # a failed COMMIT can leave it open
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error as rollback_err:
+                    log.warning("rollback of the layer record failed: %s", rollback_err)
+            if isinstance(err, sqlite3.Error) and _no_space(err):
+                raise NoSpaceError(_no_space_message(err, "write", self.path)) from err
             raise
-        self._db.execute("COMMIT")
+        self._pending_deletes.clear()
 
     def get(self, layer: str) -> LayerRecord | None:
         with self._lock:
@@ -125,6 +171,7 @@ class LayerStore:
         return [r[0] for r in rows]
 
     def add(self, layer: str, parent: str | None, quota: int | None) -> None:
+        """Record a new layer as ``creating`` (replacing any record of the same ID)."""
         record = LayerRecord(layer, parent, Status.CREATING, quota, 0, time.time())
         row = (layer, parent, record.status, quota, record.refs, record.created, False)
         with self._lock:
@@ -135,6 +182,7 @@ class LayerStore:
             self._recount(self._records.get(layer), record)
             self._records[layer] = record
             self._dirty_refs.discard(layer)
+            self._pending_deletes.discard(layer)  # replaced, not deleted
 
     def set_status(self, layer: str, status: Status) -> None:
         with self._lock:
@@ -164,9 +212,9 @@ class LayerStore:
                 self._dirty_refs.add(layer)
 
     def flush_refs(self) -> None:
-        """Write every reference count changed since the last flush, in one transaction."""
+        """Write every reference count changed since the last flush, and pending deletions."""
         with self._lock:
-            if not self._dirty_refs:
+            if not self._dirty_refs and not self._pending_deletes:
                 return
             pending = [(self._records[layer].refs, layer) for layer in self._dirty_refs]
             with self._tx() as db:
@@ -174,11 +222,27 @@ class LayerStore:
             self._dirty_refs.clear()
 
     def delete(self, layer: str) -> None:
+        """Forget the layer; never fails for want of space.
+
+        Deleting must work on a full filesystem, or nothing could be removed to make space: when
+        the row cannot be written, the mirror forgets the layer now and the disk with the next
+        transaction that can be written (:meth:`flush_refs` at the latest). A crash before then
+        leaves the record, with its storage gone, for the next start's recovery.
+        """
         with self._lock:
-            with self._tx() as db:
-                db.execute("DELETE FROM layers WHERE id = ?", (layer,))
+            try:
+                with self._tx() as db:
+                    db.execute("DELETE FROM layers WHERE id = ?", (layer,))
+            except NoSpaceError as err:
+                log.warning("deletion of layer %s is written later: %s", layer, err)
+                self._pending_deletes.add(layer)
             self._recount(self._records.pop(layer, None), None)
             self._dirty_refs.discard(layer)
+
+    def deletions_pending(self) -> bool:
+        """True while a deletion is in memory only (the disk was full)."""
+        with self._lock:
+            return bool(self._pending_deletes)
 
     def count(self) -> dict[Status, int]:
         with self._lock:
@@ -190,6 +254,43 @@ class LayerStore:
             self._counts[old.status] -= 1
         if new is not None:
             self._counts[new.status] += 1
+
+
+#: SQLite's primary result codes for a write the filesystem refused (extended codes share them).
+_SQLITE_FULL, _SQLITE_IOERR = 13, 10
+
+
+def _no_space(err: sqlite3.Error) -> bool:
+    """A write refused for want of space.
+
+    On a full filesystem SQLite says SQLITE_FULL, or SQLITE_IOERR where the failing call was an
+    fsync or a truncate: both count as no space (extended result codes share the low byte).
+    """
+    code = getattr(err, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (_SQLITE_FULL, _SQLITE_IOERR)
+
+
+def _no_space_message(err: sqlite3.Error, action: str, path: Path) -> str:
+    return f"no space left on device: cannot {action} the layer record {path} ({err})"
+
+
+def read_copy(home: Path) -> list[LayerRecord]:
+    """The records on disk as a restarted plugin would read them, even while one runs.
+
+    A running plugin holds its record's lock for as long as it is open, so this reads a copy
+    of the database and its write-ahead log (for tests and diagnostics).
+    """
+    with tempfile.TemporaryDirectory(prefix="snapdriver-record-") as scratch:
+        for suffix in ("", "-wal"):
+            source = home / (DB_NAME + suffix)
+            if source.exists():
+                shutil.copyfile(source, Path(scratch) / (DB_NAME + suffix))
+        db = sqlite3.connect(Path(scratch) / DB_NAME)
+        try:
+            rows = db.execute(f"SELECT {_COLUMNS} FROM layers").fetchall()
+        finally:
+            db.close()
+    return [_record(row) for row in rows]
 
 
 def _record(row: tuple[str, str | None, str, int | None, int, float, int]) -> LayerRecord:

@@ -15,7 +15,6 @@ import hashlib
 import io
 import os
 import random
-import sqlite3
 import tarfile
 import threading
 import time
@@ -31,7 +30,7 @@ from snapdriver_zfs.testing import everything_below, scratch_root, skip_without_
 
 from snapdriver.core import REFS_FLUSH_DELAY
 from snapdriver.graphdriver.client import PluginCallError, PluginClient
-from snapdriver.layers.state import DB_NAME
+from snapdriver.layers.state import read_copy
 from snapdriver.testing.conformance import Plugin, random_content
 from snapdriver.testing.process import ForkedPluginProcess
 
@@ -341,9 +340,8 @@ def test_sigkill_at_random_points(harness: Harness, figure: Callable[[str], None
 
 def recorded_refs(home: Path, layer: str) -> int:
     """The reference count on disk, read as the restarted plugin will read it."""
-    with contextlib.closing(sqlite3.connect(home / DB_NAME)) as db:
-        row = db.execute("SELECT refs FROM layers WHERE id = ?", (layer,)).fetchone()
-    return int(row[0])
+    (record,) = [r for r in read_copy(home) if r.id == layer]
+    return record.refs
 
 
 def test_held_references_survive_a_sigkill(harness: Harness) -> None:

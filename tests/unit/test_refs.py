@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
-import sqlite3
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +13,7 @@ import pytest
 from snapdriver import BackendConfig, CreateRequest, hookimpl
 from snapdriver.core import REFS_FLUSH_DELAY
 from snapdriver.graphdriver.driver import GraphDriver
-from snapdriver.layers.state import DB_NAME, LayerStore, Status
+from snapdriver.layers.state import LayerStore, Status, read_copy
 from snapdriver.plugins import Backend
 
 ID = "b" * 64
@@ -23,9 +21,8 @@ ID = "b" * 64
 
 def on_disk(home: Path, layer: str) -> tuple[str, int]:
     """What a restarted plugin would read: a connection of its own, not the store's mirror."""
-    with contextlib.closing(sqlite3.connect(home / DB_NAME)) as db:
-        row = db.execute("SELECT status, refs FROM layers WHERE id = ?", (layer,)).fetchone()
-    return (str(row[0]), int(row[1]))
+    (record,) = [r for r in read_copy(home) if r.id == layer]
+    return (str(record.status), record.refs)
 
 
 class DirBackend:

@@ -13,6 +13,7 @@ referenced bytes, when quotas are already enabled on the filesystem or the daemo
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -24,7 +25,13 @@ from pathlib import Path
 
 import btrfsutil
 
-from snapdriver.errors import BackendError, ConfigError, QuotaNotSupportedError
+from snapdriver.errors import (
+    BackendError,
+    ConfigError,
+    NoSpaceError,
+    QuotaNotSupportedError,
+    SnapdriverError,
+)
 from snapdriver.hookspec import BackendConfig, CreateRequest, hookimpl
 from snapdriver.hostfs import mount_of
 from snapdriver.layers.changes import Change
@@ -113,7 +120,7 @@ class BtrfsBackend:
             else:
                 btrfsutil.create_snapshot(str(self.path(request.parent)), str(target))
         except btrfsutil.BtrfsUtilError as err:
-            raise BackendError(f"cannot create subvolume {target}: {err}") from err
+            raise _error(err, f"cannot create subvolume {target}") from err
         if request.quota is not None:
             self._limit(target, request.quota)
 
@@ -162,6 +169,23 @@ class BtrfsBackend:
             self._reap_qgroups(wait=10)
 
     @hookimpl
+    def snapdriver_reclaim(self, timeout: float) -> None:
+        """Wait for btrfs's cleaner to drop the deleted subvolumes, then commit what it freed.
+
+        A deleted subvolume's extents are freed by a kernel thread after the transaction that
+        deleted it commits; until the next commit after that, writes still find no space.
+        """
+        home = str(self.home)
+        deadline = time.monotonic() + timeout
+        try:
+            btrfsutil.sync(home)
+            while btrfsutil.deleted_subvolumes(home) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            btrfsutil.sync(home)
+        except btrfsutil.BtrfsUtilError as err:
+            log.warning("cannot wait for deleted subvolumes' space: %s", err)
+
+    @hookimpl
     def snapdriver_remove(self, layer: str) -> None:
         target = self.path(layer)
         if os.path.lexists(target):
@@ -176,7 +200,7 @@ class BtrfsBackend:
             if not btrfsutil.get_subvolume_read_only(target):
                 btrfsutil.set_subvolume_read_only(target, True)
         except btrfsutil.BtrfsUtilError as err:
-            raise BackendError(f"cannot make subvolume {target} read-only: {err}") from err
+            raise _error(err, f"cannot make subvolume {target} read-only") from err
 
     @hookimpl
     def snapdriver_mount(self, layer: str, mount_label: str) -> Path:
@@ -229,6 +253,13 @@ class BtrfsBackend:
             yield snapshot
         finally:
             self._delete(snapshot)
+
+
+def _error(err: btrfsutil.BtrfsUtilError, what: str) -> SnapdriverError:
+    """A full filesystem or quota as :class:`NoSpaceError` (the core says which layer)."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpaceError(f"{os.strerror(err.errno).lower()}: {what}")
+    return BackendError(f"{what}: {err}")
 
 
 def _delete_tree(path: Path) -> list[int]:

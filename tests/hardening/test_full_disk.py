@@ -1,0 +1,319 @@
+"""A full filesystem is an ordinary error: on a small real btrfs, over the plugin's socket.
+
+An ApplyDiff bigger than the filesystem must fail with one clear line, its half-made layer's space
+must be free again when the reply arrives, and the plugin must keep serving: Remove of the failed
+layer and the next ApplyDiff work. With the disk filled by a container's writable layer instead,
+the plugin must keep serving, start again (after a SIGKILL and after a clean stop) and remove
+layers, which is how the user gets space back.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import random
+import re
+import tarfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import btrfsutil
+import pytest
+from snapdriver_btrfs.testing import wait_for_cleaner
+
+from snapdriver.errors import NoSpaceError
+from snapdriver.graphdriver.client import PluginCallError
+from snapdriver.layers.state import LayerStore, Status, read_copy
+from snapdriver.testing.conformance import Plugin, new_id
+from snapdriver.testing.loopfs import can_make_loop_filesystems, loop_filesystem
+from snapdriver.testing.process import PluginProcess
+from tests.conftest import skip_tier
+
+pytestmark = [pytest.mark.btrfs, pytest.mark.slow]
+MiB = 1 << 20
+SIZE_MB = int(os.environ.get("SNAPDRIVER_FULL_DISK_MB", "400"))
+NO_SPACE = re.compile(r"no space left on device while applying layer ([0-9a-f]+) after (\d+) bytes")
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def small_tar(seed: int, files: int = 4, size: int = 4096) -> bytes:
+    rng = random.Random(seed)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(files):
+            info = tarfile.TarInfo(f"small/f{i}")
+            info.size = size
+            tar.addfile(info, io.BytesIO(rng.randbytes(size)))
+    return buffer.getvalue()
+
+
+def big_tar(total: int, file_size: int = 8 * MiB) -> Iterator[bytes]:
+    """A layer tar of ``total`` bytes of incompressible files, streamed, never held in memory."""
+    rng = random.Random(total)
+    for i in range(total // file_size):
+        info = tarfile.TarInfo(f"blob/{i:04d}")
+        info.size = file_size
+        yield info.tobuf(format=tarfile.PAX_FORMAT)
+        for _ in range(file_size // MiB):  # whole MiBs: no padding needed
+            yield rng.randbytes(MiB)
+    yield b"\0" * 1024
+
+
+def fill_directory(root: Path) -> int:
+    """Write into ``root`` until the filesystem refuses, as a container would; bytes written."""
+    written = 0
+    for i in range(10_000):
+        try:
+            with open(root / f"fill-{i}", "wb") as handle:
+                for _ in range(16):
+                    handle.write(os.urandom(MiB))
+                    written += MiB
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            return written
+    raise AssertionError("the filesystem never filled up")
+
+
+def wait_for_free(path: Path, at_least: int, timeout: float = 60) -> float:
+    started = time.monotonic()
+    while free_bytes(path) < at_least:
+        assert time.monotonic() - started < timeout, f"only {free_bytes(path) >> 20} MiB free"
+        os.sync()
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def small_fs() -> Iterator[Path]:
+    reason = can_make_loop_filesystems()
+    if reason:
+        skip_tier("btrfs", reason)
+    with loop_filesystem("btrfs", size_mb=SIZE_MB) as mnt:
+        yield mnt
+
+
+@pytest.fixture
+def plugin(small_fs: Path, tmp_path: Path) -> Iterator[Plugin]:
+    process = PluginProcess("btrfs", tmp_path)
+    process.start()
+    home = small_fs / f"full-{uuid.uuid4().hex[:8]}"
+    plugin = Plugin(process, home)
+    try:
+        plugin.call("Init", Home=str(home), Opts=[], UIDMaps=None, GIDMaps=None)
+        yield plugin
+        for layer in plugin.call("Status")["Status"]:
+            assert layer  # the plugin still answers at the end
+    finally:
+        plugin.client.close()
+        process.stop()
+        assert "Traceback" not in process.log_path.read_text(errors="replace"), process.log_tail()
+
+
+def reclaim_seconds(plugin: Plugin) -> float:
+    found = re.findall(r"given back in ([0-9.]+) s", plugin.process.log_path.read_text())
+    assert found, "the plugin did not log giving the space back"
+    return float(found[-1])
+
+
+def read_small(plugin: Plugin, layer: str, seed: int) -> None:
+    root = plugin.get(layer)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(small_tar(seed))) as expected:
+            for member in expected.getmembers():
+                source = expected.extractfile(member)
+                assert source is not None
+                assert (root / member.name).read_bytes() == source.read()
+    finally:
+        plugin.put(layer)
+
+
+def test_an_apply_bigger_than_the_disk_fails_cleanly(
+    plugin: Plugin, small_fs: Path, figure: Callable[[str], None]
+) -> None:
+    base = new_id()
+    plugin.create(base)
+    plugin.client.apply_diff(base, "", small_tar(1))
+    free_before = free_bytes(small_fs)
+    layer = new_id()
+    plugin.create(layer, base)
+    started = time.monotonic()
+    with pytest.raises(PluginCallError) as failed:
+        plugin.client.apply_diff(layer, base, big_tar(SIZE_MB * 3 // 2 * MiB))
+    reply_s = time.monotonic() - started
+    message = str(failed.value)
+    match = NO_SPACE.search(message)
+    assert match and match.group(1) == layer, message
+    assert "\n" not in message and int(match.group(2)) > 0
+    free_after = free_bytes(small_fs)  # at the reply, with no waiting of our own
+    assert free_after >= free_before - 8 * MiB, (free_before >> 20, free_after >> 20)
+    assert plugin.call("Exists", ID=layer) == {"Exists": False}
+    plugin.remove(layer)  # dockerd's clean-up after a failed ApplyDiff
+    again = new_id()
+    plugin.create(again, base)
+    plugin.client.apply_diff(again, base, small_tar(2))
+    read_small(plugin, again, 2)
+    read_small(plugin, base, 1)
+    for gone in (again, base):
+        plugin.remove(gone)
+    figure(
+        f"FULL DISK (btrfs, {SIZE_MB} MiB): ApplyDiff failed after {int(match.group(2)) >> 20} MiB "
+        f"with one line; reply {reply_s:.1f} s, space given back in {reclaim_seconds(plugin):.2f} "
+        f"s; free {free_before >> 20} MiB before, {free_after >> 20} MiB at the reply"
+    )
+
+
+def expect_no_space_or_success(call: Callable[[], object]) -> bool:
+    """On a full disk a tiny write may still fit in metadata; if it fails, it says why."""
+    try:
+        call()
+    except PluginCallError as err:
+        message = str(err)
+    else:
+        return True
+    assert "no space left on device" in message and "\n" not in message, message
+    return False
+
+
+def test_the_plugin_serves_restarts_and_removes_on_a_full_disk(
+    plugin: Plugin, small_fs: Path, figure: Callable[[str], None]
+) -> None:
+    base = new_id()
+    plugin.create(base)
+    plugin.client.apply_diff(base, "", small_tar(3))
+    container = new_id()
+    plugin.create(container, base, rw=True)
+    free_before = free_bytes(small_fs)
+    written = fill_directory(plugin.get(container))
+    outcomes = []
+    # Calls that write the record (Create, Get/Put's counts, ApplyDiff) on the full disk.
+    for _ in range(3):
+        read_small(plugin, base, 3)
+    time.sleep(1)  # the reference counts' write behind meets the full disk
+    outcomes.append(expect_no_space_or_success(lambda: plugin.create(new_id(), base)))
+    layer = new_id()
+    if expect_no_space_or_success(lambda: plugin.create(layer, base)):
+        applied = expect_no_space_or_success(
+            lambda: plugin.client.apply_diff(layer, base, small_tar(4, files=64, size=MiB))
+        )
+        outcomes.append(applied)
+        plugin.remove(layer)
+    assert plugin.process.pid is not None, "the plugin died on the full disk"
+    plugin.client.close()
+    plugin.process.kill()
+    plugin.process.start()  # SIGKILLed on a full disk: must start, without a new Init
+    plugin.client = plugin.process.client()
+    assert plugin.call("Exists", ID=container) == {"Exists": True}
+    read_small(plugin, base, 3)
+    plugin.restart()  # a clean stop and start on the full disk
+    assert plugin.call("Exists", ID=base) == {"Exists": True}
+    plugin.put(container)
+    plugin.remove(container)  # how the user gets space back
+    waited = wait_for_free(small_fs, free_before - 16 * MiB)
+    assert plugin.call("Exists", ID=container) == {"Exists": False}
+    after = new_id()
+    plugin.create(after, base)
+    plugin.client.apply_diff(after, base, small_tar(5))
+    read_small(plugin, after, 5)
+    plugin.restart()  # the deletion written while the disk was full is on disk now
+    assert plugin.call("Exists", ID=container) == {"Exists": False}
+    read_small(plugin, after, 5)
+    for gone in (after, base):
+        plugin.remove(gone)
+    figure(
+        f"FULL DISK (btrfs, {SIZE_MB} MiB): filled by a container ({written >> 20} MiB), plugin "
+        f"served, restarted after SIGKILL and SIGTERM, removed it ({waited:.1f} s to free space); "
+        f"writes on the full disk succeeded {sum(outcomes)} of {len(outcomes)}"
+    )
+
+
+def add_until_refused(store: LayerStore) -> None:
+    for i in range(1000):  # the last free pages of the log may still take a few
+        store.add(f"{i:064x}", None, None)
+
+
+def test_the_layer_record_on_a_full_disk(small_fs: Path) -> None:
+    """Opens and reads; a refused write changes nothing; a deletion waits for space."""
+    home = small_fs / f"record-{uuid.uuid4().hex[:8]}"
+    home.mkdir()
+    store = LayerStore(home)
+    kept, gone = "a" * 64, "b" * 64
+    for layer in (kept, gone):
+        store.add(layer, None, None)
+        store.set_status(layer, Status.READY)
+    store.close()
+    filler = home / "filler"
+    btrfsutil.create_subvolume(str(filler))
+    try:
+        fill_directory(filler)
+        store = LayerStore(home)  # opens on the full disk: no -shm to map, nothing to write
+        try:
+            before = store.all()
+            assert {r.id for r in before} == {kept, gone}
+            with pytest.raises(NoSpaceError, match="no space left on device"):
+                add_until_refused(store)
+            added = {r.id for r in store.all()} - {kept, gone}
+            assert {r.id for r in read_copy(home)} == {kept, gone} | added, "mirror != disk"
+            store.delete(gone)  # never refused: the mirror forgets it now
+            assert store.get(gone) is None and store.deletions_pending()
+            assert gone in {r.id for r in read_copy(home)}
+        finally:
+            store.close()
+        store = LayerStore(home)  # and after a restart, still on the full disk
+        store.close()
+    finally:
+        btrfsutil.delete_subvolume(str(filler))
+        btrfsutil.sync(str(small_fs))
+        wait_for_cleaner(small_fs)  # the filler's space is free only once the cleaner dropped it
+        btrfsutil.sync(str(small_fs))
+    store = LayerStore(home)
+    try:
+        store.delete(gone)  # written now that there is space
+        assert not store.deletions_pending()
+        assert gone not in {r.id for r in read_copy(home)}
+        assert kept in {r.id for r in read_copy(home)}
+    finally:
+        store.close()
+
+
+def test_a_size_limit_is_the_same_error(
+    small_fs: Path, tmp_path: Path, figure: Callable[[str], None]
+) -> None:
+    """A layer's size limit (a btrfs qgroup) reached in ApplyDiff: EDQUOT, one line, storage gone.
+
+    Last in the module: it switches quotas on for the filesystem.
+    """
+    process = PluginProcess("btrfs", tmp_path)
+    process.start()
+    home = small_fs / f"quota-{uuid.uuid4().hex[:8]}"
+    plugin = Plugin(process, home)
+    try:
+        opts = ["btrfs.enable_quota=true"]
+        plugin.call("Init", Home=str(home), Opts=opts, UIDMaps=None, GIDMaps=None)
+        layer = new_id()
+        plugin.create(layer, size="16M")
+        with pytest.raises(PluginCallError) as failed:
+            plugin.client.apply_diff(layer, "", big_tar(64 * MiB))
+        message = failed.value.message
+        assert message.startswith(f"disk quota exceeded while applying layer {layer} after ")
+        assert plugin.call("Exists", ID=layer) == {"Exists": False}
+        assert not (home / "subvolumes" / layer).exists(), "the failed layer's storage is kept"
+        plugin.remove(layer)
+        again = new_id()
+        plugin.create(again, size="16M")
+        plugin.client.apply_diff(again, "", small_tar(6))
+        read_small(plugin, again, 6)
+        plugin.remove(again)
+        figure(f"FULL DISK (btrfs qgroup limit 16 MiB): {message.split(' while ')[0]}, one line")
+    finally:
+        plugin.client.close()
+        process.stop()
