@@ -19,15 +19,20 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from snapdriver import __version__, config
+from snapdriver import __version__, config, logs
 from snapdriver.daemon import raise_open_file_limit, run
 from snapdriver.errors import ConfigError, SnapdriverError
 from snapdriver.graphdriver.client import PluginClient
 from snapdriver.graphdriver.driver import DEFAULT_ORPHAN_AGE, GraphDriver
 from snapdriver.graphdriver.front import GraphDriverFront
 from snapdriver.graphdriver.serve import PLUGIN_DIR, SPEC_DIR, Listen, TLSFiles
+from snapdriver.metrics_listen import MetricsAddress, metrics_serving
 from snapdriver.plugins import Backend, installed_backends
+
+if TYPE_CHECKING:  # loaded by `snapdriver containerd` only: its gRPC modules cost start-up time
+    from snapdriver.containerd.server import ContainerdFront
 
 log = logging.getLogger("snapdriver")
 
@@ -88,8 +93,19 @@ def base_parser() -> argparse.ArgumentParser:
         default="info",
         choices=["debug", "info", "warning", "error"],
     )
+    add_observability_flags(parser)
     config.add_config_flag(parser)
     return parser
+
+
+def add_observability_flags(parser: argparse.ArgumentParser) -> None:
+    """What both fronts share: the log format and the metrics listener."""
+    parser.add_argument("--log-format", default="text", choices=logs.FORMATS)
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="ADDRESS",
+        help="serve Prometheus metrics at HOST:PORT or unix:///path.sock (default: off)",
+    )
 
 
 def containerd_parser() -> argparse.ArgumentParser:
@@ -118,6 +134,7 @@ def containerd_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--name", default="snapdriver", help="the snapshotter's name in containerd's config"
     )
+    add_observability_flags(parser)
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
@@ -245,10 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         backend = Backend.load(early.backend)
         args = config.with_backend(parser, argv, file, "graphdriver", backend).args
-        logging.basicConfig(
-            level=args.log_level.upper(),
-            format=f"snapdriver[{args.name}] %(levelname)s %(name)s: %(message)s",
-        )
+        if args.metrics_listen:  # a bad address fails here, before anything starts
+            args.metrics_listen = MetricsAddress.parse(args.metrics_listen)
+        logs.configure(args.log_level, args.log_format, args.name)
         raise_open_file_limit()
         return asyncio.run(_serve(backend, args))
     except SnapdriverError as err:
@@ -274,18 +290,24 @@ def containerd_main(argv: Sequence[str]) -> int:
         if args.dataset and early.backend != "zfs":
             raise ConfigError(f"--dataset is a zfs setting; the {early.backend} backend has none")
         path = parse_listen(args.listen)
-        logging.basicConfig(
-            level=args.log_level.upper(),
-            format=f"snapdriver-containerd[{args.name}] %(levelname)s %(name)s: %(message)s",
-        )
+        if args.metrics_listen:  # a bad address fails here, before anything starts
+            args.metrics_listen = MetricsAddress.parse(args.metrics_listen)
+        logs.configure(args.log_level, args.log_format, f"containerd-{args.name}")
         print(proxy_plugin_toml(args.name, path), flush=True)
         front = ContainerdFront(backend, args.root.absolute(), path, args)
         raise_open_file_limit()
-        return asyncio.run(run(front, f"backend {backend.name} to containerd"))
+        return asyncio.run(_serve_containerd(front, args))
     except SnapdriverError as err:
         return _fail(str(err))
     except KeyboardInterrupt:
         return 130
+
+
+async def _serve_containerd(front: ContainerdFront, args: argparse.Namespace) -> int:
+    async with metrics_serving(args.metrics_listen, front.core, front.backend.name) as where:
+        if where:
+            log.info("serving metrics on %s", where)
+        return await run(front, f"backend {front.backend.name} to containerd")
 
 
 async def _serve(backend: Backend, args: argparse.Namespace) -> int:
@@ -298,7 +320,10 @@ async def _serve(backend: Backend, args: argparse.Namespace) -> int:
         tls=_tls(args),
         spec_dir=args.spec_dir,
     )
-    return await run(front, f"backend {backend.name} to dockerd")
+    async with metrics_serving(args.metrics_listen, front.driver.core, backend.name) as where:
+        if where:
+            log.info("serving metrics on %s", where)
+        return await run(front, f"backend {backend.name} to dockerd")
 
 
 if __name__ == "__main__":

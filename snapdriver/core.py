@@ -81,6 +81,16 @@ class DiffJob:
 
 
 @dataclass(frozen=True)
+class Census:
+    """Counts for monitoring: layers by status, layers mounted, references held."""
+
+    layers: dict[Status, int]
+    mounted: int
+    refs: int  # held by the front: Get without a Put yet
+    internal_refs: int  # held by the core's own running operations (Diff, Changes, ApplyDiff)
+
+
+@dataclass(frozen=True)
 class Usage:
     """What a layer's own content occupies: bytes of its files, and its entries."""
 
@@ -233,6 +243,14 @@ class Core:
         if self._store is not None:
             self._store.close()
             self._store = None
+
+    def census(self) -> Census:
+        if self._store is None:
+            return Census({}, 0, 0, 0)
+        records = self._store.all()
+        layers = dict(Counter(r.status for r in records))
+        refs = sum(r.refs for r in records)
+        return Census(layers, len(self._paths), refs, sum(self._internal_refs.values()))
 
     @property
     def opened(self) -> bool:

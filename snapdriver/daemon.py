@@ -14,8 +14,11 @@ import os
 import resource
 import signal
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
+
+from snapdriver import metrics
 
 log = logging.getLogger("snapdriver")
 #: Long ApplyDiff, Diff and Usage calls each hold a worker thread; keep plenty for short calls.
@@ -30,6 +33,7 @@ class Front(Protocol):
 
 async def run(front: Front, what: str) -> int:
     """Serve ``front`` until a stop signal; ``what`` names it in the log."""
+    started = time.monotonic()
     loop = asyncio.get_running_loop()
     loop.set_default_executor(
         ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="snapdriver")
@@ -38,6 +42,7 @@ async def run(front: Front, what: str) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with front.serving() as where:
+        metrics.observe_start(time.monotonic() - started)
         log.info("serving %s on %s", what, where)
         notify_systemd("READY=1")
         await stop.wait()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from contextvars import ContextVar
 from importlib import metadata
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from snapdriver.layers.changes import Change, walk_changes
 BACKEND_GROUP = "snapdriver.backends"
 PLUGIN_GROUP = "snapdriver.plugins"
 BACKEND_PLUGIN_NAME = "backend"
+#: Set when the tree walk answers a ``snapdriver_changes`` call, for a wrapper that wants to tell
+#: native answers from the walk's (pluggy does not say which implementation answered).
+WALKED: ContextVar[bool] = ContextVar("snapdriver_walked", default=False)
 
 
 class TreeWalkChanges:
@@ -26,6 +30,7 @@ class TreeWalkChanges:
     def snapdriver_changes(
         self, layer: str, layer_dir: Path, parent: str, parent_dir: Path
     ) -> Sequence[Change]:
+        WALKED.set(True)
         return walk_changes(layer_dir, parent_dir)
 
 

@@ -248,8 +248,9 @@ def environment(
                 workdir / "plugin",
                 name=PLUGIN_NAME,
                 socket_path=PLUGIN_SOCKET,
-                # The helper defaults to debug logging, which a daemon in service would not use.
-                extra_args=["--log-level", "info"],
+                # The helper defaults to debug logging, which a daemon in service would not use;
+                # SNAPBENCH_PLUGIN_LOG=debug logs every call with its time (bench/buildkit.md).
+                extra_args=["--log-level", os.environ.get("SNAPBENCH_PLUGIN_LOG", "info")],
             )
         data_root = mount / ("docker-intree" if spec.label == "btrfs" else "docker")
         dockerd = Dockerd(workdir / "dockerd", spec.storage_driver, data_root=data_root)

@@ -88,12 +88,16 @@ async def serving(core: Core, path: Path, store: KeyStore | None = None) -> Asyn
 
 @dataclass
 class ContainerdFront:
-    """``python -m snapdriver.containerd``: one backend at ``root``, served on ``path``."""
+    """``snapdriver containerd``: one backend at ``root``, served on ``path``."""
 
     backend: Backend
     root: Path
     path: Path
     args: argparse.Namespace = field(default_factory=argparse.Namespace)
+    core: Core = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.core = Core(self.backend, "containerd", self.args)
 
     @contextlib.asynccontextmanager
     async def serving(self) -> AsyncIterator[str]:
@@ -105,7 +109,7 @@ class ContainerdFront:
         prepare_unix_socket(self.path)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         store = KeyStore(self.root)  # holds an exclusive lock on the root from here
-        core = Core(self.backend, "containerd", self.args)
+        core = self.core
         try:
             await core.open(BackendConfig(self.root, {}, self.args))
             async with serving(core, self.path, store) as where:

@@ -68,6 +68,7 @@ from snapdriver.errors import (
     RequestError,
     SnapdriverError,
 )
+from snapdriver.observe import Call
 
 log = logging.getLogger(__name__)
 SERVICE = "containerd.services.snapshots.v1.Snapshots"
@@ -325,25 +326,31 @@ T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-async def _answer(work: Awaitable[T], context: Context, what: str) -> T:
-    """Run ``work`` to its end even if the client goes; turn its error into a status."""
-    try:
-        return await asyncio.shield(work)
-    except Exception as err:
-        code, text = grpc_status(err)
-        if code is grpc.StatusCode.INTERNAL:
-            log.error("%s failed: %s", what, text, exc_info=err)
-        else:
-            log.debug("%s: %s %s", what, code.name, text)
-        await context.abort(code, text)
-        raise  # abort raised already; this satisfies the type checker
+async def _answer(work: Callable[[], Awaitable[T]], context: Context, what: str) -> T:
+    """Run ``work`` to its end even if the client goes; turn its error into a status.
+
+    The call is observed (:class:`snapdriver.observe.Call`) from before its work starts, so the
+    log records of the work carry it, and its outcome is the error answered, not the abort.
+    """
+    with Call("containerd", what) as call:
+        try:
+            return await asyncio.shield(_future(work()))
+        except Exception as err:
+            call.fail(err)
+            code, text = grpc_status(err)
+            if code is grpc.StatusCode.INTERNAL:
+                log.error("%s failed: %s", what, text, exc_info=err)
+            else:
+                log.debug("%s: %s %s", what, code.name, text)
+            await context.abort(code, text)
+            raise  # abort raised already; this satisfies the type checker
 
 
 def _unary(
     method: Callable[[Req], Awaitable[Resp]], request: type[Req], name: str
 ) -> grpc.RpcMethodHandler[Any, Any]:
     async def handle(req: Req, context: Context) -> Resp:
-        return await _answer(_future(method(req)), context, name)
+        return await _answer(lambda: method(req), context, name)
 
     return grpc.unary_unary_rpc_method_handler(
         handle,  # grpc.aio takes coroutine functions
@@ -399,7 +406,7 @@ class Servicer:
         async def matching() -> list[Snapshot]:
             return self.service.list(req.filters)
 
-        found = await _answer(_future(matching()), context, "List")
+        found = await _answer(matching, context, "List")
         for batch in _batches(found, LIST_BATCH):
             yield pb.ListSnapshotsResponse(info=[info(s) for s in batch])
 

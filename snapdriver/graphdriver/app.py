@@ -23,6 +23,7 @@ from typing import IO, Any, cast
 
 from aiohttp import web
 
+from snapdriver import metrics
 from snapdriver.errors import (
     ArchiveError,
     BackendError,
@@ -46,12 +47,15 @@ from snapdriver.graphdriver.types import (
     encode_changes,
     encode_error,
 )
+from snapdriver.observe import CURRENT, Call, set_layer
 from snapdriver.streams import ThreadReader
 
 log = logging.getLogger(__name__)
 DRIVER = web.AppKey("driver", GraphDriver)
 routes = web.RouteTableDef()
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: The front's name in metrics and logs.
+FRONT = "graphdriver"
 
 
 #: Made once: ``json.dumps`` with non-default separators builds a new encoder on every call.
@@ -65,7 +69,9 @@ def reply(data: Any, status: int = 200) -> web.Response:
 
 
 async def _layer_request(request: web.Request) -> LayerRequest:
-    return LayerRequest.decode(decode_object(await request.read()))
+    req = LayerRequest.decode(decode_object(await request.read()))
+    set_layer(req.id)
+    return req
 
 
 def _driver(request: web.Request) -> GraphDriver:
@@ -93,25 +99,30 @@ def http_status(err: SnapdriverError) -> int:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The one place exceptions become protocol errors."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
+    """The one place exceptions become protocol errors, and each call is observed."""
+    path = request.path
+    with Call(FRONT, path[1:] if path in CALLS else "other") as call:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            call.outcome = "BadRequest"
+            message = exc.reason
+            if exc.status in (404, 405):
+                message = f"snapdriver does not serve {request.method} {request.path}"
+            return reply(encode_error(message), exc.status)
+        except SnapdriverError as err:
+            call.fail(err)
+            log.info("%s failed: %s", request.path, err)
+            return reply(encode_error(str(err)), http_status(err))
+        except asyncio.CancelledError:
             raise
-        message = exc.reason
-        if exc.status in (404, 405):
-            message = f"snapdriver does not serve {request.method} {request.path}"
-        return reply(encode_error(message), exc.status)
-    except SnapdriverError as err:
-        log.info("%s failed: %s", request.path, err)
-        return reply(encode_error(str(err)), http_status(err))
-    except asyncio.CancelledError:
-        raise
-    except Exception as err:
-        log.exception("unexpected error in %s", request.path)
-        text = f"internal error in {request.path.lstrip('/')}: {type(err).__name__}: {err}"
-        return reply(encode_error(text), 500)
+        except Exception as err:
+            call.fail(err)
+            log.exception("unexpected error in %s", request.path)
+            text = f"internal error in {request.path.lstrip('/')}: {type(err).__name__}: {err}"
+            return reply(encode_error(text), 500)
 
 
 @routes.post("/Plugin.Activate")
@@ -204,6 +215,7 @@ async def diff_size(request: web.Request) -> web.Response:
 @routes.post("/GraphDriver.ApplyDiff")
 async def apply_diff(request: web.Request) -> web.Response:
     req = LayerRequest.from_query(request.query)
+    set_layer(req.id)
     # Unbuffered: apply_tar's reader buffers, and ThreadReader.read hands over what it gathered
     # without a copy (a BufferedReader here cost a copy of every byte: bench/apply-cpu.md).
     stream = cast(IO[bytes], ThreadReader(request.content, asyncio.get_running_loop()))
@@ -214,6 +226,7 @@ async def apply_diff(request: web.Request) -> web.Response:
         # or it would be parsed as the next request on this kept-alive connection.
         while await request.content.readany():
             pass
+        metrics.observe_bytes("applied", request.content.total_bytes)
     return reply({"Size": size})
 
 
@@ -224,14 +237,24 @@ async def diff(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
         response.enable_chunked_encoding()
         await response.prepare(request)
+        sent = 0
+
+        async def write(chunk: bytes) -> None:
+            nonlocal sent
+            sent += len(chunk)
+            await response.write(chunk)
+
         try:
-            await job.stream(response.write)
+            await job.stream(write)
         except (SnapdriverError, OSError) as err:
             # The status line is out: the only way left to signal failure is a broken stream.
             log.error("Diff of %s failed mid-stream: %s", req.id, err)
+            _current_call_failed(err)
             if request.transport is not None:
                 request.transport.abort()
             return response
+        finally:
+            metrics.observe_bytes("exported", sent)
         await response.write_eof()
         return response
 
@@ -245,6 +268,16 @@ async def sweep(request: web.Request) -> web.Response:
         raise RequestError("MinAge must be a number of seconds and DryRun a boolean")
     removed = await _driver(request).sweep(float(min_age), dry_run)
     return reply({"Removed": removed})
+
+
+def _current_call_failed(err: BaseException) -> None:
+    call = CURRENT.get()
+    if call is not None:
+        call.fail(err)
+
+
+#: The paths the app serves: the method label of their calls (any other path is "other").
+CALLS = frozenset(route.path for route in routes if isinstance(route, web.RouteDef))
 
 
 async def close_connection(request: web.Request, response: web.StreamResponse) -> None:

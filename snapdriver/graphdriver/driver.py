@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from snapdriver import metrics
 from snapdriver.core import Core, DiffJob
 from snapdriver.errors import (
     ConfigError,
@@ -191,6 +192,12 @@ class GraphDriver:
         its ID is one dockerd makes, nothing holds it, it has no children left, and it is older
         than ``min_age`` seconds (so a create still in flight is never taken).
         """
+        removed = await self._sweep(min_age, dry_run)
+        if not dry_run:
+            metrics.observe_sweep(len(removed))
+        return removed
+
+    async def _sweep(self, min_age: float, dry_run: bool) -> list[str]:
         core = self._core
         removed = [] if dry_run else await core.recover()
         # Thousands of small files: off the event loop, so Get and Put go on meanwhile.

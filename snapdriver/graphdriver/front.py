@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from snapdriver import metrics
 from snapdriver.graphdriver.app import create_app
 from snapdriver.graphdriver.driver import GraphDriver
 from snapdriver.graphdriver.serve import SPEC_DIR, Listen, TLSFiles, serving
@@ -26,7 +27,7 @@ class GraphDriverFront:
     @contextlib.asynccontextmanager
     async def serving(self) -> AsyncIterator[str]:
         """Resume, then serve until the block exits; the app's clean-up closes the record."""
-        await self.driver.resume()
+        metrics.observe_resumed(await self.driver.resume())
         app = create_app(self.driver)
         async with serving(
             app, self.name, self.listen, group=self.group, tls=self.tls, spec_dir=self.spec_dir

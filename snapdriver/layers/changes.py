@@ -23,13 +23,14 @@ import contextlib
 import enum
 import errno
 import functools
+import itertools
 import os
 import stat
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Self, TypeVar
 
 from snapdriver.layers.rootfs import lstat_at
 
@@ -112,23 +113,39 @@ def with_ancestors(changes: Iterable[Change]) -> list[Change]:
     return sort_changes(result.values())
 
 
-def walk_changes(new_root: str | Path, old_root: str | Path | None) -> list[Change]:
-    """Docker's ``ChangesDirs(new, old)``: walk both trees; ``old_root=None`` is an empty tree."""
+_T = TypeVar("_T")
+
+
+class WalkTooLarge(Exception):
+    """A walk given a limit met more entries than that: a native differ should answer."""
+
+
+def walk_changes(
+    new_root: str | Path, old_root: str | Path | None, limit: int | None = None
+) -> list[Change]:
+    """Docker's ``ChangesDirs(new, old)``: walk both trees; ``old_root=None`` is an empty tree.
+
+    With ``limit``, raise :class:`WalkTooLarge` as soon as the walk has met more entries (both
+    trees counted) than that, so a caller can try the walk first where trees may be small.
+    """
     with ConfinedTree(os.fspath(new_root)) as new_tree:
         if old_root is None:
             return sort_changes(added_subtree(new_tree, "/"))
         with ConfinedTree(os.fspath(old_root)) as old_tree:
-            return with_ancestors(_walk_both(new_tree, old_tree))
+            return with_ancestors(_walk_both(new_tree, old_tree, limit))
 
 
-def _walk_both(new_tree: ConfinedTree, old_tree: ConfinedTree) -> list[Change]:
+def _walk_both(
+    new_tree: ConfinedTree, old_tree: ConfinedTree, limit: int | None = None
+) -> list[Change]:
     """The changes of a walk, without ancestors; an explicit stack, so depth costs no recursion."""
     found: list[Change] = []
     stack: list[tuple[str, bool]] = [("/", True)]  # (directory, whether the old one is one too)
+    budget = _Budget(limit)
     while stack:
         directory, old_is_dir = stack.pop()
-        new_entries = new_tree.scan(directory)
-        old_entries = old_tree.scan(directory) if old_is_dir else {}
+        new_entries = budget.spend(new_tree.scan(directory, budget.left))
+        old_entries = budget.spend(old_tree.scan(directory, budget.left)) if old_is_dir else {}
         added_dirs: list[str] = []
         for name, new_st in new_entries.items():
             path = _join(directory, name)
@@ -149,8 +166,24 @@ def _walk_both(new_tree: ConfinedTree, old_tree: ConfinedTree) -> list[Change]:
                 stack.append((path, stat.S_ISDIR(old_st.st_mode)))
         found.extend(Change(_join(directory, name), ChangeKind.DELETE) for name in old_entries)
         for path in added_dirs:  # after the loop, so the cursors stay here while comparing
-            found.extend(added_subtree(new_tree, path))
+            for change in added_subtree(new_tree, path):
+                budget.spend({change.path: None})
+                found.append(change)
     return found
+
+
+class _Budget:
+    """How many more entries a walk given a limit may meet; ``left`` is None without one."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.left = limit
+
+    def spend(self, entries: dict[str, _T]) -> dict[str, _T]:
+        if self.left is not None:
+            self.left -= len(entries)
+            if self.left < 0:
+                raise WalkTooLarge("the trees have more entries than the walk's limit")
+        return entries
 
 
 def added_subtree(tree: ConfinedTree, path: str) -> Iterator[Change]:
@@ -248,10 +281,12 @@ class ConfinedTree:
         finally:
             os.close(fd)
 
-    def scan(self, directory: str) -> dict[str, os.stat_result]:
-        """Name -> lstat of every entry of ``directory``."""
+    def scan(self, directory: str, limit: int | None = None) -> dict[str, os.stat_result]:
+        """Name -> lstat of every entry of ``directory``; with ``limit``, of at most one more
+        than that (so a caller sees it was exceeded without reading a huge directory)."""
         with self.scandir(directory) as entries:
-            return {e.name: e.stat(follow_symlinks=False) for e in entries}
+            some = entries if limit is None else itertools.islice(entries, max(limit, 0) + 1)
+            return {e.name: e.stat(follow_symlinks=False) for e in some}
 
     def descendants(self, directory: str) -> Iterator[tuple[str, bool]]:
         """``(path, is_dir)`` of every entry below ``directory``, at any depth, depth first."""

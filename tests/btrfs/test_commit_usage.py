@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import btrfsutil
@@ -11,7 +13,7 @@ import pytest
 
 from snapdriver import BackendConfig
 from snapdriver.core import Core, Usage
-from snapdriver.layers.changes import changes_size, walk_changes
+from snapdriver.layers.changes import Change, changes_size, walk_changes
 from snapdriver.plugins import Backend
 from snapdriver.testing.conformance import add_many_files
 
@@ -56,6 +58,49 @@ def test_commit_makes_a_read_only_subvolume_that_children_snapshot(btrfs_mount: 
                 await core.remove(layer)
             assert core.records() == []
             assert list((home / "subvolumes").iterdir()) == []
+        finally:
+            core.close()
+
+    asyncio.run(main())
+
+
+def test_small_layers_are_walked_large_ones_read_from_a_send_stream(
+    btrfs_mount: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Changes of small trees skip the send stream's two snapshots (bench/buildkit.md); past
+    ``SMALL_WALK`` entries the send stream answers, and both give the walk's list."""
+    btrfs_backend = importlib.import_module("snapdriver_btrfs.backend")
+    sends: list[Path] = []
+    native: Callable[[Path, Path], list[Change]] = btrfs_backend.native_changes
+
+    def counted(layer: Path, parent: Path) -> list[Change]:
+        sends.append(layer)
+        return native(layer, parent)
+
+    monkeypatch.setattr(btrfs_backend, "native_changes", counted)
+    home = btrfs_mount / f"small-walk-{uuid.uuid4().hex[:8]}"
+
+    async def main() -> None:
+        core = Core(Backend.load("btrfs"), "test")
+        await core.open(BackendConfig(home))
+        try:
+            await core.create(BASE, None)
+            add_many_files(await core.get(BASE), 300, seed=2)
+            await core.put(BASE)
+            await core.create(CHILD, BASE)
+            child_dir = await core.get(CHILD)
+            (child_dir / "directory-100" / "file-150").write_bytes(b"changed")
+            (child_dir / "added").write_bytes(b"new")
+            await core.put(CHILD)
+            expected = walk_changes(child_dir, home / "subvolumes" / BASE)
+            assert await core.changes(CHILD, BASE) == expected
+            assert sends == []  # 2 x 304 entries: walked
+            monkeypatch.setattr(btrfs_backend, "SMALL_WALK", 100)
+            assert await core.changes(CHILD, BASE) == expected
+            assert len(sends) == 1
+            assert list((home / "scratch").iterdir()) == []  # the send's snapshots are gone
+            await core.remove(CHILD)
+            await core.remove(BASE)
         finally:
             core.close()
 

@@ -13,6 +13,7 @@ from snapdriver.layers.changes import (
     Change,
     ChangeKind,
     ConfinedTree,
+    WalkTooLarge,
     changes_from_candidates,
     changes_size,
     sort_changes,
@@ -224,3 +225,23 @@ def test_cursor_restarts_when_its_directory_moves_out(tmp_path: Path) -> None:
         (root / "a" / "b" / "c").rename(outside / "c")
         st = tree.lstat("/a/y")
         assert st is not None and st.st_size == 1
+
+
+def test_walk_with_a_limit_answers_small_trees_and_refuses_larger(tmp_path: Path) -> None:
+    old, new = tmp_path / "old", tmp_path / "new"
+    for root in (old, new):
+        (root / "d").mkdir(parents=True)
+        for i in range(10):
+            (root / "d" / f"f{i}").write_text("same")
+    (new / "d" / "f3").write_text("changed")
+    (new / "added").mkdir()
+    (new / "added" / "x").write_text("x")
+    full = walk_changes(new, old)
+    assert walk_changes(new, old, limit=24) == full  # / 2 + 1, added/ 1, d/ 10 + 10
+    with pytest.raises(WalkTooLarge):
+        walk_changes(new, old, limit=23)
+    with pytest.raises(WalkTooLarge):
+        walk_changes(new, old, limit=10)  # met in d/, before the walk's end
+    with ConfinedTree(str(new)) as tree:  # a huge directory is not read to its end
+        assert len(tree.scan("/d", limit=3)) == 4
+        assert len(tree.scan("/d")) == 10

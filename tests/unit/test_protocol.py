@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +127,24 @@ def test_every_reply_closes_its_connection(tmp_path: Path, path: str, body: byte
         assert response.headers.get("Connection", "").lower() == "close"
 
     run(with_client(tmp_path, scenario))
+
+
+def test_debug_logging_times_every_call(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The call profile of bench/buildkit.md: one debug record per call, also a failed one."""
+
+    async def scenario(client: Client) -> None:
+        await post(client, "/GraphDriver.Get", b'{"ID":"%s"}\n' % ID.encode())
+        await post(client, "/GraphDriver.Capabilities", b"{}")
+
+    with caplog.at_level(logging.DEBUG, logger="snapdriver.calls"):
+        run(with_client(tmp_path, scenario))
+    calls = [r for r in caplog.records if r.name == "snapdriver.calls"]
+    assert [(r.call, r.outcome) for r in calls] == [  # type: ignore[attr-defined]
+        ("GraphDriver.Get", "NotInitialisedError"),
+        ("GraphDriver.Capabilities", "ok"),
+    ]
+    assert all(r.getMessage().endswith(" ms") for r in calls)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="snapdriver.calls"):
+        run(with_client(tmp_path, scenario))
+    assert not [r for r in caplog.records if r.name == "snapdriver.calls"]

@@ -20,7 +20,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 import btrfsutil
@@ -34,7 +34,7 @@ from snapdriver.errors import (
 )
 from snapdriver.hookspec import BackendConfig, CreateRequest, hookimpl
 from snapdriver.hostfs import mount_of
-from snapdriver.layers.changes import Change
+from snapdriver.layers.changes import Change, WalkTooLarge, walk_changes
 from snapdriver_btrfs import ioctl
 from snapdriver_btrfs.native import SendStreamError, native_changes
 
@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 OPTION_PREFIX = "btrfs."
 _TRUE = ("1", "true", "yes", "on")
 _NOT_SET_UP = "the btrfs backend is not set up (no Init yet)"
+#: Entries (both trees) up to which Changes walks the trees rather than reading a send stream:
+#: the stream's two snapshots and deletions cost ~20-50 ms at any size (bench/buildkit.md).
+SMALL_WALK = 1000
 
 
 class BtrfsBackend:
@@ -232,6 +235,10 @@ class BtrfsBackend:
     def snapdriver_changes(
         self, layer: str, layer_dir: Path, parent: str, parent_dir: Path
     ) -> Sequence[Change] | None:
+        with suppress(WalkTooLarge):
+            # Small trees (a build's layers over a small base): the walk is cheaper than the
+            # two read-only snapshots and their deletion that a send stream costs.
+            return walk_changes(layer_dir, parent_dir, limit=SMALL_WALK)
         try:
             with ExitStack() as stack:
                 layer_ro = stack.enter_context(self._read_only(self.path(layer)))
