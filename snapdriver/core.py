@@ -41,6 +41,7 @@ from snapdriver.hookspec import BackendConfig, CreateRequest
 from snapdriver.layers.apply import UnpackNoSpaceError, apply_tar
 from snapdriver.layers.archive import export_changes, export_tree
 from snapdriver.layers.changes import Change, ChangeKind, changes_size, walk_changes
+from snapdriver.layers.idmap import IDMapping
 from snapdriver.layers.state import DB_NAME, LayerRecord, LayerStore, Status
 from snapdriver.plugins import Backend
 from snapdriver.streams import Sink, stream_from_thread
@@ -67,12 +68,13 @@ class DiffJob:
     layer: str
     layer_dir: Path
     changes: list[Change] | None  # None: the whole layer (no parent)
+    idmap: IDMapping | None = None  # userns-remap: owners are written as container IDs
 
     def write(self, sink: Sink) -> None:
         if self.changes is None:
-            export_tree(self.layer_dir, sink)
+            export_tree(self.layer_dir, sink, self.idmap)
         else:
-            export_changes(self.layer_dir, self.changes, sink)
+            export_changes(self.layer_dir, self.changes, sink, self.idmap)
 
     async def stream(self, consume: Callable[[bytes], Awaitable[None]]) -> None:
         await stream_from_thread(self.write, consume)
@@ -121,6 +123,25 @@ def claim_home(home: Path, front: str) -> None:
         )
 
 
+def grant_traversal(home: Path, path: Path, gid: int) -> None:
+    """Let the remapped root (group ``gid``) through ``home`` and every directory below it
+    down to ``path``, as Docker's drivers do for their Home (``0710``, group the remapped root's):
+    a container in a user namespace opens its root filesystem as that root."""
+    try:
+        below = path.relative_to(home).parts
+    except ValueError:
+        below = ()  # a backend that keeps layers elsewhere (a mount) owns those directories
+    directories = [home]
+    for part in below:
+        directories.append(directories[-1] / part)
+    for current in directories:
+        st = os.stat(current)
+        if st.st_gid != gid:
+            os.chown(current, -1, gid)
+        if not st.st_mode & 0o010:
+            os.chmod(current, (st.st_mode & 0o7777) | 0o010)
+
+
 def _mark_home(home: Path, front: str) -> None:
     mark = home / FRONT_MARK
     if mark.exists():
@@ -134,7 +155,8 @@ def _mark_home(home: Path, front: str) -> None:
 class Core:
     """Layers by ID: a backend, the layer record in its Home, and the mounts in use.
 
-    ``front`` names the front that owns the Home (see :func:`claim_home`).
+    ``front`` names the front that owns the Home (see :func:`claim_home`). ``idmap`` is the
+    front's userns-remap (see :meth:`open`); None, the usual case, costs nothing.
     """
 
     def __init__(
@@ -144,6 +166,7 @@ class Core:
         self.front = front
         self.args = args or argparse.Namespace()
         self.home: Path | None = None
+        self.idmap: IDMapping | None = None
         self._store: LayerStore | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._paths: dict[str, Path] = {}
@@ -154,10 +177,12 @@ class Core:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def open(self, config: BackendConfig) -> None:
+    async def open(self, config: BackendConfig, idmap: IDMapping | None = None) -> None:
         """Set the backend up for ``config.home``, open its record there, and recover.
 
         Opening the Home already open only sets the backend up again (as a repeated Init does).
+        With ``idmap`` (user-namespace remapping) new layer roots are owned by the remapped root,
+        the Home is traversable by it, ApplyDiff stores host IDs and Diff writes container IDs.
         """
         if self._store is None or self.home != config.home:
             claim_home(config.home, self.front)
@@ -169,6 +194,9 @@ class Core:
             _mark_home(config.home, self.front)
             self._store = LayerStore(config.home)
         self.home = config.home
+        self.idmap = idmap
+        if idmap is not None:
+            await asyncio.to_thread(grant_traversal, config.home, config.home, idmap.root[1])
         await self.recover()
 
     async def recover(self) -> list[str]:
@@ -396,11 +424,27 @@ class Core:
         try:
             request = CreateRequest(layer, parent, quota)
             await asyncio.to_thread(self.backend.create, request)
+            if self.idmap is not None:
+                await self._own_root(layer, self.idmap)
             self.store.set_status(layer, Status.READY)
         except BaseException:
             with contextlib.suppress(Exception):
                 await self._destroy(layer)
             raise
+
+    async def _own_root(self, layer: str, idmap: IDMapping) -> None:
+        """The new layer's root belongs to the remapped root, its directories let it through
+        (Docker's btrfs driver chowns every new subvolume, snapshots too)."""
+        self._internal_refs[layer] += 1
+        try:
+            path = await self._acquire(layer)
+            uid, gid = idmap.root
+            await asyncio.to_thread(os.chown, path, uid, gid)
+            if self.home is not None:
+                await asyncio.to_thread(grant_traversal, self.home, path.parent, gid)
+        finally:
+            self._internal_refs[layer] -= 1
+            await self._release_if_unused(layer)
 
     async def remove(self, layer: str) -> None:
         async with self._locked(layer):
@@ -484,7 +528,7 @@ class Core:
         """Everything that can fail happens before the job is yielded (and the reply begins)."""
         async with self._mounted(layer) as (layer_dir,):
             changes = await self.changes(layer, parent) if parent else None
-            yield DiffJob(layer, layer_dir, changes)
+            yield DiffJob(layer, layer_dir, changes, self.idmap)
 
     async def usage(self, layer: str) -> Usage:
         """The layer's own content: its changes against its parent (native where the backend
@@ -521,7 +565,7 @@ class Core:
         try:
             layer_dir = await self._acquire(layer)
             async with self._unpacking:
-                return await asyncio.to_thread(apply_tar, layer_dir, stream)
+                return await asyncio.to_thread(apply_tar, layer_dir, stream, self.idmap)
         finally:
             self._internal_refs[layer] -= 1
             with contextlib.suppress(SnapdriverError, OSError):

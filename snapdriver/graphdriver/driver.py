@@ -32,6 +32,7 @@ from snapdriver.errors import (
 from snapdriver.graphdriver.dockerdb import DOCKERD_ID, referenced_layers
 from snapdriver.hookspec import BackendConfig
 from snapdriver.layers.changes import Change
+from snapdriver.layers.idmap import IDMapping, IDRange
 from snapdriver.layers.state import LayerRecord, Status
 from snapdriver.layers.units import parse_size
 from snapdriver.plugins import Backend
@@ -65,14 +66,21 @@ def parse_storage_opt(storage_opt: Mapping[str, str]) -> int | None:
 
 @dataclass(frozen=True)
 class InitRecord:
-    """The last Init dockerd sent: enough to resume after a plugin restart."""
+    """The last Init dockerd sent: enough to resume after a plugin restart.
+
+    ``idmap`` is dockerd's userns-remap (``--userns-remap``), None without it; a record written
+    before remapping was supported has none.
+    """
 
     home: Path
     options: tuple[str, ...] = ()
+    idmap: IDMapping | None = None
 
     def save(self, state_dir: Path) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
-        data = {"home": str(self.home), "options": list(self.options)}
+        data: dict[str, object] = {"home": str(self.home), "options": list(self.options)}
+        if self.idmap is not None:
+            data |= self.idmap.encode()
         _atomic_write(state_dir / INIT_NAME, json.dumps(data, indent=1).encode())
 
     @classmethod
@@ -80,10 +88,11 @@ class InitRecord:
         path = state_dir / INIT_NAME
         try:
             data = json.loads(path.read_bytes())
-            return cls(Path(data["home"]), tuple(data.get("options") or ()))
+            idmap = IDMapping.decode(data)
+            return cls(Path(data["home"]), tuple(data.get("options") or ()), idmap)
         except FileNotFoundError:
             return None
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError, ConfigError) as err:
             raise ConfigError(f"{path} is unreadable ({err})") from err
 
 
@@ -147,14 +156,14 @@ class GraphDriver:
         self,
         home: str,
         options: Sequence[str],
-        uid_maps: Sequence[object] = (),
-        gid_maps: Sequence[object] = (),
+        uid_maps: Sequence[IDRange] = (),
+        gid_maps: Sequence[IDRange] = (),
     ) -> None:
-        if uid_maps or gid_maps:
-            raise ConfigError("user-namespace remapping (userns-remap) is not supported")
+        """Set up ``home``; ``uid_maps``/``gid_maps`` are dockerd's userns-remap, if any."""
         if not home or not os.path.isabs(home):
             raise ConfigError(f"Init Home must be an absolute path, got {home!r}")
-        record = InitRecord(Path(home), tuple(options))
+        idmap = IDMapping.create(uid_maps, gid_maps)
+        record = InitRecord(Path(home), tuple(options), idmap)
         await self._open(record)
         try:
             record.save(self.state_dir)
@@ -164,7 +173,7 @@ class GraphDriver:
 
     async def _open(self, record: InitRecord) -> None:
         config = BackendConfig(record.home, parse_options(record.options), self.core.args)
-        await self.core.open(config)
+        await self.core.open(config, record.idmap)
 
     @property
     def _core(self) -> Core:

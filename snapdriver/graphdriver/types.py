@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from snapdriver.errors import RequestError
+from snapdriver.errors import ConfigError, RequestError
 from snapdriver.layers.changes import Change
+from snapdriver.layers.idmap import IDRange
 from snapdriver.layers.ids import validate_layer_id
 
 CONTENT_TYPE = "application/vnd.docker.plugins.v1.1+json"
@@ -52,30 +53,22 @@ def _optional_list(data: Mapping[str, Any], key: str) -> list[Any]:
     return value
 
 
-@dataclass(frozen=True)
-class IDMap:
+def _id_range(value: Any, key: str) -> IDRange:
     """One userns range; the wire keys are snake_case (``container_id``), unlike the docs."""
-
-    container_id: int
-    host_id: int
-    size: int
-
-    @classmethod
-    def decode(cls, value: Any, key: str) -> IDMap:
-        if not isinstance(value, dict):
-            raise RequestError(f"{key} entries must be objects")
-        try:
-            return cls(int(value["container_id"]), int(value["host_id"]), int(value["size"]))
-        except (KeyError, TypeError, ValueError) as err:
-            raise RequestError(f"{key} entry {value!r} is malformed: {err}") from err
+    if not isinstance(value, dict):
+        raise RequestError(f"{key} entries must be objects")
+    try:
+        return IDRange.decode(value)
+    except (KeyError, TypeError, ValueError, ConfigError) as err:
+        raise RequestError(f"{key} entry {value!r} is malformed: {err}") from err
 
 
 @dataclass(frozen=True)
 class InitRequest:
     home: str
     options: tuple[str, ...] = ()
-    uid_maps: tuple[IDMap, ...] = ()
-    gid_maps: tuple[IDMap, ...] = ()
+    uid_maps: tuple[IDRange, ...] = ()
+    gid_maps: tuple[IDRange, ...] = ()
 
     @classmethod
     def decode(cls, data: Mapping[str, Any]) -> InitRequest:
@@ -85,8 +78,8 @@ class InitRequest:
         return cls(
             home=_optional_str(data, "Home"),
             options=tuple(options),
-            uid_maps=tuple(IDMap.decode(m, "UIDMaps") for m in _optional_list(data, "UIDMaps")),
-            gid_maps=tuple(IDMap.decode(m, "GIDMaps") for m in _optional_list(data, "GIDMaps")),
+            uid_maps=tuple(_id_range(m, "UIDMaps") for m in _optional_list(data, "UIDMaps")),
+            gid_maps=tuple(_id_range(m, "GIDMaps") for m in _optional_list(data, "GIDMaps")),
         )
 
 

@@ -22,6 +22,7 @@ import tarfile
 from typing import IO
 
 from snapdriver.errors import ArchiveError, NoSpaceError
+from snapdriver.layers.idmap import IDMapping
 from snapdriver.layers.rootfs import (
     lstat_at,
     make_dirs_in_root,
@@ -65,8 +66,9 @@ def clean_name(name: str) -> str:
 
 
 class _Unpacker:
-    def __init__(self, root_fd: int, tar: tarfile.TarFile) -> None:
+    def __init__(self, root_fd: int, tar: tarfile.TarFile, idmap: IDMapping | None) -> None:
         self.root_fd = root_fd
+        self.idmap = idmap
         self.tar = tar
         assert isinstance(tar.fileobj, TarSource)
         self.source = tar.fileobj
@@ -126,6 +128,8 @@ class _Unpacker:
 
     def create(self, rel: str, member: tarfile.TarInfo) -> None:
         parent, base = split(rel)
+        if self.idmap is not None:  # the one place owners change: every chown below reads them
+            member.uid, member.gid = self.idmap.to_host(member.uid, member.gid)
         if not rel:
             self._root_metadata(member)
         elif member.isreg():
@@ -278,8 +282,13 @@ def _times(member: tarfile.TarInfo) -> tuple[int, int]:
     return max(atime, mtime), mtime
 
 
-def apply_tar(root: str | os.PathLike[str], stream: IO[bytes]) -> int:
+def apply_tar(
+    root: str | os.PathLike[str], stream: IO[bytes], idmap: IDMapping | None = None
+) -> int:
     """Unpack the uncompressed tar ``stream`` into the layer directory ``root``.
+
+    With ``idmap`` (userns-remap), entry owners are container IDs and are stored as host IDs;
+    an owner outside the maps fails the apply, as in Docker.
 
     Returns the sum of the entries' header sizes. Raises :class:`ArchiveError` for a malformed or
     hostile archive; the caller decides what happens to a partly applied layer.
@@ -288,7 +297,7 @@ def apply_tar(root: str | os.PathLike[str], stream: IO[bytes]) -> int:
     total = 0
     try:
         tar = open_stream(stream)
-        unpacker = _Unpacker(root_fd, tar)
+        unpacker = _Unpacker(root_fd, tar, idmap)
         try:
             for member in members(tar):
                 _unpack(unpacker, member, total)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from snapdriver.layers.changes import CAPABILITY_XATTR, Change, ChangeKind
+from snapdriver.layers.idmap import IDMapping
 from snapdriver.layers.rootfs import open_dir_in_root, open_in_root
 
 Sink = Callable[[bytes], None]
@@ -172,10 +173,15 @@ class Header:
 
 
 class TarWriter:
-    """Writes entries to ``sink`` in large chunks; :meth:`close` adds the end-of-archive."""
+    """Writes entries to ``sink`` in large chunks; :meth:`close` adds the end-of-archive.
 
-    def __init__(self, sink: Sink) -> None:
+    With ``idmap`` (userns-remap), owners are written as container IDs, as Docker's
+    ``tarAppender`` does; user and group names are still those of the host IDs, as there.
+    """
+
+    def __init__(self, sink: Sink, idmap: IDMapping | None = None) -> None:
         self._sink = sink
+        self._idmap = idmap
         self._buffer = bytearray()
         self._seen_inodes: dict[tuple[int, int], bytes] = {}
 
@@ -208,11 +214,14 @@ class TarWriter:
         kind = stat.S_IFMT(st.st_mode)
         if kind not in _TYPES:
             return  # sockets: Go's tar cannot hold them and Docker skips them
+        uid, gid = st.st_uid, st.st_gid
+        if self._idmap is not None:
+            uid, gid = self._idmap.to_container(uid, gid)
         header = Header(
             name=name + b"/" if kind == stat.S_IFDIR else name,
             mode=st.st_mode,
-            uid=st.st_uid,
-            gid=st.st_gid,
+            uid=uid,
+            gid=gid,
             size=st.st_size if kind == stat.S_IFREG else 0,
             mtime=int(st.st_mtime),
             typeflag=_TYPES[kind],
@@ -270,10 +279,18 @@ def _capability_at(dir_fd: int, base: str) -> bytes | None:
     return bytes(value)
 
 
-def export_changes(root: str | os.PathLike[str], changes: Iterable[Change], sink: Sink) -> None:
-    """Docker's ``ExportChanges``: the entries of ``changes``, sorted, from the layer ``root``."""
+def export_changes(
+    root: str | os.PathLike[str],
+    changes: Iterable[Change],
+    sink: Sink,
+    idmap: IDMapping | None = None,
+) -> None:
+    """Docker's ``ExportChanges``: the entries of ``changes``, sorted, from the layer ``root``.
+
+    Whiteouts are owned by 0:0 whatever ``idmap`` says: Docker does not remap them either.
+    """
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    writer = TarWriter(sink)
+    writer = TarWriter(sink, idmap)
     try:
         for change in sorted(changes, key=Change.sort_key):
             rel = change.path.lstrip("/")
@@ -299,10 +316,15 @@ def _dir_mtime(root_fd: int, rel: str) -> int:
         os.close(fd)
 
 
-def export_tree(root: str | os.PathLike[str], sink: Sink) -> None:
-    """Docker's ``archive.Tar(dir)``: every entry below ``root`` in ``filepath.Walk`` order."""
+def export_tree(root: str | os.PathLike[str], sink: Sink, idmap: IDMapping | None = None) -> None:
+    """Docker's ``archive.Tar(dir)``: every entry below ``root`` in ``filepath.Walk`` order.
+
+    ``idmap`` shifts owners back to container IDs. Docker's NaiveDiffDriver passes no maps for
+    a layer without a parent (and so writes host IDs); dockerd never asks for such a Diff in
+    practice, and container IDs are what a layer tar must hold.
+    """
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    writer = TarWriter(sink)
+    writer = TarWriter(sink, idmap)
     try:
         stack: list[tuple[int, list[str], str]] = [(root_fd, _sorted_names(root_fd), "")]
         while stack:

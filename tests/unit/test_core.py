@@ -139,7 +139,7 @@ def test_apply_diffs_unpack_a_few_at_a_time(
     running, most = 0, 0
     lock = threading.Lock()
 
-    def slow_apply(layer_dir: Path, stream: object) -> int:
+    def slow_apply(layer_dir: Path, stream: object, idmap: object = None) -> int:
         nonlocal running, most
         with lock:
             running += 1

@@ -90,12 +90,17 @@ def test_init_with_nulls_then_layer_lifecycle(tmp_path: Path) -> None:
     run(with_client(tmp_path, scenario))
 
 
-def test_userns_remap_is_refused_clearly(tmp_path: Path) -> None:
+def test_malformed_userns_maps_are_refused_clearly(tmp_path: Path) -> None:
     async def scenario(client: Client) -> None:
-        maps = [{"container_id": 0, "host_id": 100000, "size": 65536}]
-        init = {"Home": str(tmp_path / "h"), "Opts": [], "UIDMaps": maps, "GIDMaps": maps}
-        status, body = await post(client, "/GraphDriver.Init", json.dumps(init).encode())
-        assert status == 400 and "userns-remap" in body["Err"]
+        for maps, expected in (
+            ([{"container_id": 0, "host_id": 100000}], "UIDMaps entry"),
+            ([{"container_id": 0, "host_id": 100000, "size": 0}], "UIDMaps entry"),
+            ([{"container_id": 1, "host_id": 100000, "size": 10}], "container root"),
+            ("0:100000:65536", "UIDMaps must be a list"),
+        ):
+            init = {"Home": str(tmp_path / "h"), "Opts": [], "UIDMaps": maps, "GIDMaps": None}
+            status, body = await post(client, "/GraphDriver.Init", json.dumps(init).encode())
+            assert status == 400 and expected in body["Err"], body
 
     run(with_client(tmp_path, scenario))
 
