@@ -42,7 +42,9 @@ def unix_path(address: str) -> str:
     return url.path
 
 
-class _UnixConnection(http.client.HTTPConnection):
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket (the standard library speaks only TCP)."""
+
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
@@ -62,7 +64,7 @@ class PluginClient:
         url = _url(address)
         self._conn: http.client.HTTPConnection
         if url.scheme == "unix":
-            self._conn = _UnixConnection(url.path, timeout)
+            self._conn = UnixHTTPConnection(url.path, timeout)
         else:
             self._conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=timeout)
 

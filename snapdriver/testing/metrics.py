@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import http.client
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from snapdriver.graphdriver.client import UnixHTTPConnection
 from snapdriver.metrics_listen import MetricsAddress
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
 
 
 def fetch(address: str, path: str = "/metrics", timeout: float = 10.0) -> tuple[int, str]:
@@ -29,7 +17,7 @@ def fetch(address: str, path: str = "/metrics", timeout: float = 10.0) -> tuple[
     where = MetricsAddress.parse(address)
     conn: http.client.HTTPConnection
     if where.path is not None:
-        conn = _UnixConnection(str(where.path), timeout)
+        conn = UnixHTTPConnection(str(where.path), timeout)
     else:
         conn = http.client.HTTPConnection(where.host or "127.0.0.1", where.port, timeout=timeout)
     try:
