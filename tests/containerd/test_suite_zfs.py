@@ -3,11 +3,6 @@
 The guest has no Go: the host builds the suite binary and leaves it in ``.lab-bin/`` of the shared
 checkout (``python -m snapdriver.testing.gosuite export``, which scripts/test runs before the lab).
 Each subtest's front gets a root dataset of its own, ``ROOT/f<front number>``.
-
-NOT YET PASSING, so not part of the gating ZFS tier: the last lab run gave 13 of 20 subtests
-(each failure was the suite's own check for mounts left under a stopped front's root; the front
-now releases its mounts at stop, which was not enough to make them pass). It runs with
-``SNAPDRIVER_ZFS_SUITE=1`` and says so loudly otherwise.
 """
 
 from __future__ import annotations
@@ -50,11 +45,6 @@ def lab_binary() -> Path:
 @pytest.fixture
 def suite_root() -> Iterator[str]:
     skip_without_zfs()
-    if os.environ.get("SNAPDRIVER_ZFS_SUITE") != "1":
-        pytest.skip(
-            "CONTAINERD SUITE (zfs) NOT RUN: known failing (13 of 20 in the last lab run), "
-            "opt in with SNAPDRIVER_ZFS_SUITE=1"
-        )
     with scratch_root("s") as root:
         yield root
 
