@@ -33,14 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-from google.protobuf import empty_pb2, message
+from google.protobuf import empty_pb2
 
 from snapdriver.containerd.proto import snapshots_pb2 as pb
 from snapdriver.layers.changes import changes_size, walk_changes
 from snapdriver.testing.containerd import (
     RUN_ROOT,
-    SERVICE,
     Client,
     Containerd,
     ContainerdFront,
@@ -112,40 +110,31 @@ class ContainerdSnapshots:
     """containerd's snapshots service (its gRPC socket), for one snapshotter and namespace."""
 
     def __init__(self, address: Path, namespace: str, snapshotter: str) -> None:
-        self.channel = grpc.insecure_channel(f"unix://{address}")
-        self.metadata = (("containerd-namespace", namespace),)
+        self.client = Client(address, timeout=300, metadata=(("containerd-namespace", namespace),))
         self.snapshotter = snapshotter
 
     def close(self) -> None:
-        self.channel.close()
-
-    def _call(self, method: str, request: message.Message, reply: type[Any]) -> Any:
-        call: grpc.UnaryUnaryMultiCallable[Any, Any] = self.channel.unary_unary(
-            SERVICE + method,
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=reply.FromString,
-        )
-        return call(request, timeout=300, metadata=self.metadata)
+        self.client.close()
 
     def prepare(self, key: str, parent: str) -> list[Any]:
         request = pb.PrepareSnapshotRequest(
             snapshotter=self.snapshotter, key=key, parent=parent, labels=GC_ROOT
         )
-        return list(self._call("Prepare", request, pb.PrepareSnapshotResponse).mounts)
+        return list(self.client.call("Prepare", request, pb.PrepareSnapshotResponse).mounts)
 
     def commit(self, name: str, key: str) -> None:
         request = pb.CommitSnapshotRequest(
             snapshotter=self.snapshotter, name=name, key=key, labels=GC_ROOT
         )
-        self._call("Commit", request, empty_pb2.Empty)
+        self.client.call("Commit", request, empty_pb2.Empty)
 
     def remove(self, key: str) -> None:
         request = pb.RemoveSnapshotRequest(snapshotter=self.snapshotter, key=key)
-        self._call("Remove", request, empty_pb2.Empty)
+        self.client.call("Remove", request, empty_pb2.Empty)
 
     def usage(self, key: str) -> pb.UsageResponse:
         request = pb.UsageRequest(snapshotter=self.snapshotter, key=key)
-        return self._call("Usage", request, pb.UsageResponse)  # type: ignore[no-any-return]
+        return self.client.call("Usage", request, pb.UsageResponse)  # type: ignore[no-any-return]
 
 
 @contextlib.contextmanager
@@ -496,15 +485,16 @@ def parse(argv: list[str]) -> Config:
     parser.add_argument("--rounds", type=int, default=50, help="Prepare/Commit/Remove rounds")
     parser.add_argument("--api-rounds", type=int, default=5, help="the same through containerd")
     parser.add_argument("--size-mb", type=int, default=8192, help="the btrfs loop image")
-    parser.add_argument("--out", type=Path, default=BENCH_DIR)
+    parser.add_argument("--out", type=Path, help="default bench/, or bench/out/ with --smoke")
     parser.add_argument("--smoke", action="store_true", help="1,000 files, one repeat")
     parser.add_argument("--report", type=Path, help="rewrite the .md of this .json, no run")
     args = parser.parse_args(argv)
     if args.report:
         return saved_config(args.report)
-    if args.smoke:
-        return Config(1000, 1, 5, 3, 2048, args.out, smoke=True)
-    return Config(args.files, args.repeat, args.rounds, args.api_rounds, args.size_mb, args.out)
+    if args.smoke:  # like bench/run --smoke: a smoke run's report is not a result to keep
+        return Config(1000, 1, 5, 3, 2048, args.out or BENCH_DIR / "out", smoke=True)
+    out = args.out or BENCH_DIR
+    return Config(args.files, args.repeat, args.rounds, args.api_rounds, args.size_mb, out)
 
 
 def saved_config(path: Path) -> Config:

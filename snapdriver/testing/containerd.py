@@ -47,48 +47,52 @@ SERVICE = "/containerd.services.snapshots.v1.Snapshots/"
 class Client:
     """containerd's side of the wire, by method path: what the proxy snapshotter sends."""
 
-    def __init__(self, socket: Path) -> None:
+    def __init__(
+        self, socket: Path, *, timeout: float = 60.0, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         self.channel = grpc.insecure_channel(f"unix://{socket}")
+        self.timeout = timeout
+        self.metadata = metadata  # e.g. containerd's own socket wants a namespace
 
     def close(self) -> None:
         self.channel.close()
 
-    def _call(self, method: str, request: message.Message, reply: type[Any]) -> Any:
+    def call(self, method: str, request: message.Message, reply: type[Any]) -> Any:
         call: grpc.UnaryUnaryMultiCallable[Any, Any] = self.channel.unary_unary(
             SERVICE + method,
             request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=reply.FromString,
         )
-        return call(request, timeout=60)
+        return call(request, timeout=self.timeout, metadata=self.metadata)
 
     def prepare(
         self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
     ) -> list[mount_pb2.Mount]:
         request = pb.PrepareSnapshotRequest(key=key, parent=parent, labels=labels or {})
-        return list(self._call("Prepare", request, pb.PrepareSnapshotResponse).mounts)
+        return list(self.call("Prepare", request, pb.PrepareSnapshotResponse).mounts)
 
     def view(self, key: str, parent: str = "") -> list[mount_pb2.Mount]:
         request = pb.ViewSnapshotRequest(key=key, parent=parent)
-        return list(self._call("View", request, pb.ViewSnapshotResponse).mounts)
+        return list(self.call("View", request, pb.ViewSnapshotResponse).mounts)
 
     def mounts(self, key: str) -> list[mount_pb2.Mount]:
-        return list(self._call("Mounts", pb.MountsRequest(key=key), pb.MountsResponse).mounts)
+        return list(self.call("Mounts", pb.MountsRequest(key=key), pb.MountsResponse).mounts)
 
     def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
         request = pb.CommitSnapshotRequest(name=name, key=key, labels=labels or {})
-        self._call("Commit", request, empty_pb2.Empty)
+        self.call("Commit", request, empty_pb2.Empty)
 
     def remove(self, key: str) -> None:
-        self._call("Remove", pb.RemoveSnapshotRequest(key=key), empty_pb2.Empty)
+        self.call("Remove", pb.RemoveSnapshotRequest(key=key), empty_pb2.Empty)
 
     def stat(self, key: str) -> pb.Info:
-        reply = self._call("Stat", pb.StatSnapshotRequest(key=key), pb.StatSnapshotResponse)
+        reply = self.call("Stat", pb.StatSnapshotRequest(key=key), pb.StatSnapshotResponse)
         return reply.info  # type: ignore[no-any-return]
 
     def update(self, info: pb.Info, *paths: str) -> pb.Info:
         mask = field_mask_pb2.FieldMask(paths=list(paths))
         request = pb.UpdateSnapshotRequest(info=info, update_mask=mask)
-        return self._call("Update", request, pb.UpdateSnapshotResponse).info  # type: ignore[no-any-return]
+        return self.call("Update", request, pb.UpdateSnapshotResponse).info  # type: ignore[no-any-return]
 
     def list(self, *filters: str) -> list[pb.Info]:
         call: grpc.UnaryStreamMultiCallable[Any, Any] = self.channel.unary_stream(
@@ -100,10 +104,10 @@ class Client:
         return [info for reply in replies for info in reply.info]
 
     def usage(self, key: str) -> pb.UsageResponse:
-        return self._call("Usage", pb.UsageRequest(key=key), pb.UsageResponse)  # type: ignore[no-any-return]
+        return self.call("Usage", pb.UsageRequest(key=key), pb.UsageResponse)  # type: ignore[no-any-return]
 
     def cleanup(self) -> None:
-        self._call("Cleanup", pb.CleanupRequest(), empty_pb2.Empty)
+        self.call("Cleanup", pb.CleanupRequest(), empty_pb2.Empty)
 
 
 def code_of(call: Callable[[], object]) -> grpc.StatusCode:
