@@ -106,6 +106,11 @@ def add_observability_flags(parser: argparse.ArgumentParser) -> None:
         metavar="ADDRESS",
         help="serve Prometheus metrics at HOST:PORT or unix:///path.sock (default: off)",
     )
+    parser.add_argument(
+        "--metrics-group",
+        metavar="GROUP",
+        help="group allowed to read a unix --metrics-listen socket (mode 0660; default: root only)",
+    )
 
 
 def containerd_parser() -> argparse.ArgumentParser:
@@ -170,13 +175,13 @@ def _tls(args: argparse.Namespace) -> TLSFiles | None:
     )
 
 
-def _group(name: str | None) -> int | None:
+def _group(name: str | None, flag: str = "--socket-group") -> int | None:
     if name is None:
         return None
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:
-        raise SnapdriverError(f"--socket-group {name!r}: no such group") from None
+        raise SnapdriverError(f"{flag} {name!r}: no such group") from None
 
 
 def sweep_main(argv: Sequence[str]) -> int:
@@ -304,7 +309,8 @@ def containerd_main(argv: Sequence[str]) -> int:
 
 
 async def _serve_containerd(front: ContainerdFront, args: argparse.Namespace) -> int:
-    async with metrics_serving(args.metrics_listen, front.core, front.backend.name) as where:
+    group = _group(args.metrics_group, "--metrics-group")
+    async with metrics_serving(args.metrics_listen, front.core, front.backend.name, group) as where:
         if where:
             log.info("serving metrics on %s", where)
         return await run(front, f"backend {front.backend.name} to containerd")
@@ -320,7 +326,10 @@ async def _serve(backend: Backend, args: argparse.Namespace) -> int:
         tls=_tls(args),
         spec_dir=args.spec_dir,
     )
-    async with metrics_serving(args.metrics_listen, front.driver.core, backend.name) as where:
+    group = _group(args.metrics_group, "--metrics-group")
+    async with metrics_serving(
+        args.metrics_listen, front.driver.core, backend.name, group
+    ) as where:
         if where:
             log.info("serving metrics on %s", where)
         return await run(front, f"backend {backend.name} to dockerd")

@@ -8,12 +8,13 @@ reports SKIP rather than a second problem. Exit status 1 if any check is WARN or
 from __future__ import annotations
 
 import argparse
+import grp
 import importlib
 import json
 import os
+import pwd
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tomllib
@@ -38,6 +39,8 @@ DOCKER_DATA_ROOT = Path("/var/lib/docker")
 CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
 DAEMON_JSON = Path("/etc/docker/daemon.json")
 DEFAULT_MIN_FREE = 10.0  # percent of the data root's filesystem
+#: ``--userns-remap=default`` names this user and group (dockerd makes them at its start).
+DEFAULT_REMAP_USER = "dockremap"
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class Host:
     containerd_config: Path = CONTAINERD_CONFIG
     daemon_json: Path = DAEMON_JSON
     proc: Path = Path("/proc")
+    etc: Path = Path("/etc")
     dev: Path = Path("/dev")
     sys_module: Path = Path("/sys/module")
     orphan_age: float = DEFAULT_ORPHAN_AGE
@@ -89,7 +93,19 @@ class Host:
         """Where the layers live: Docker's ``<data-root>/<name>``, or containerd's ``--root``."""
         if self.front == "containerd":
             return self.data_root or Path("/var/lib/snapdriver/containerd")
-        return (self.data_root or self.dockerd_data_root()) / self.name
+        base = self.data_root or self.dockerd_data_root()
+        remapped = self.remapped_root()
+        # Under userns-remap dockerd keeps everything in <data-root>/<uid>.<gid>/.
+        return (base / f"{remapped[0]}.{remapped[1]}" if remapped else base) / self.name
+
+    def remapped_root(self) -> tuple[int, int] | None:
+        """The host UID and GID of containers' root under dockerd's userns-remap, if any."""
+        setting = self.dockerd_settings().userns_remap
+        if not setting:
+            return None
+        user, group = remap_names(setting)
+        uid, gid = subid_start(self.etc / "subuid", user), subid_start(self.etc / "subgid", group)
+        return (uid, gid) if uid is not None and gid is not None else None
 
     @property
     def state(self) -> Path:
@@ -158,6 +174,7 @@ class DockerdSettings:
     storage_driver: str | None
     data_root: Path | None
     storage_opts: list[str]
+    userns_remap: str | None = None
 
     @classmethod
     def of(cls, dockerd: Dockerd | None, default_json: Path) -> DockerdSettings:
@@ -176,6 +193,7 @@ class DockerdSettings:
             driver,
             Path(root) if root else None,
             [str(o) for o in opts],
+            _last(flag_values(argv, "--userns-remap"), data.get("userns-remap")) or None,
         )
 
 
@@ -184,6 +202,39 @@ def _last(given: list[str], fallback: object) -> str | None:
     if given:
         return given[-1]
     return str(fallback) if fallback is not None else None
+
+
+def remap_names(setting: str) -> tuple[str, str]:
+    """The user and group of ``--userns-remap`` (``USER[:GROUP]``; ``default``: dockremap)."""
+    user, _, group = setting.partition(":")
+    if user == "default":
+        return DEFAULT_REMAP_USER, DEFAULT_REMAP_USER
+    return user, group or user
+
+
+def subid_start(path: Path, name: str) -> int | None:
+    """The lowest start of ``name``'s ranges in /etc/subuid or /etc/subgid: what container
+    root maps to, since dockerd sorts the ranges before it lays them out."""
+    starts = []
+    number = _id_of(name, user=path.name == "subuid")
+    with_id = {name} if number is None else {name, str(number)}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.strip().split(":")
+        if len(fields) == 3 and fields[0] in with_id and fields[1].isdigit():
+            starts.append(int(fields[1]))
+    return min(starts, default=None)
+
+
+def _id_of(name: str, user: bool) -> int | None:
+    """A user's or group's numeric ID (subid files may name either), None if unknown."""
+    try:
+        return pwd.getpwnam(name).pw_uid if user else grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
 
 
 def read_daemon_json(path: Path) -> dict[str, Any]:
@@ -424,7 +475,7 @@ def check_dockerd_driver(host: Host) -> Result:
 
 
 def check_socket(host: Host) -> Result:
-    """The plugin answers on its socket (graphdriver: Plugin.Activate; containerd: a connect)."""
+    """The plugin answers on its socket (graphdriver: Plugin.Activate; containerd: a Stat)."""
     name = "plugin socket"
     unit = (
         "snapdriver containerd"
@@ -434,10 +485,7 @@ def check_socket(host: Host) -> Result:
     start = f"start snapdriver ({unit}), or check --listen ({host.address})"
     try:
         if host.front == "containerd":
-            with socket.socket(socket.AF_UNIX) as sock:
-                sock.settimeout(host.timeout)
-                sock.connect(unix_path(host.address))
-            return Result(name, "OK", f"{host.address} accepts connections")
+            return _probe_snapshotter(host, start)
         with PluginClient(host.address, timeout=host.timeout) as client:
             reply = client.call("Plugin.Activate")
     except (OSError, ValueError, SnapdriverError) as err:
@@ -445,6 +493,86 @@ def check_socket(host: Host) -> Result:
     if "GraphDriver" not in reply.get("Implements", []):
         return Result(name, "FAIL", f"{host.address} is not a graphdriver: {reply}", start)
     return Result(name, "OK", f"{host.address} answers Plugin.Activate")
+
+
+def check_userns_remap(host: Host) -> Result:
+    """dockerd's userns-remap has subordinate IDs, and matches the maps of the recorded Init."""
+    name = "userns-remap"
+    setting = host.dockerd_settings().userns_remap
+    try:
+        record = InitRecord.load(host.state)
+    except ConfigError:
+        record = None  # the Init record check reports it
+    recorded = record.idmap.root if record and record.idmap else None
+    if not setting:
+        if recorded is None:
+            return Result(name, "OK", "dockerd does not remap user namespaces")
+        return Result(
+            name,
+            "WARN",
+            f"the recorded Init remapped root to {_pair(recorded)}, dockerd does not remap now: "
+            f"its layers in {record and record.home} are not the ones dockerd will use",
+            "start dockerd with the --userns-remap it had, or accept a new, empty layer store",
+        )
+    return _judge_remap(host, setting, recorded)
+
+
+def _judge_remap(host: Host, setting: str, recorded: tuple[int, int] | None) -> Result:
+    name, (user, group) = "userns-remap", remap_names(setting)
+    root = host.remapped_root()
+    if root is None:
+        if setting.partition(":")[0] == "default":
+            return Result(name, "OK", f"--userns-remap=default: dockerd adds {user}'s IDs at start")
+        return Result(
+            name,
+            "FAIL",
+            f"--userns-remap={setting}: no range for {user} in {host.etc / 'subuid'} "
+            f"or for {group} in {host.etc / 'subgid'}",
+            f"add {user}:100000:65536 to {host.etc / 'subuid'} and {group}:100000:65536 to "
+            f"{host.etc / 'subgid'}, then restart dockerd",
+        )
+    where = f"root is {_pair(root)}, layers in {host.home}"
+    if recorded is not None and recorded != root:
+        return Result(
+            name,
+            "WARN",
+            f"{where}, but the recorded Init remapped root to {_pair(recorded)}",
+            "dockerd will send Init for the new Home; the old Home's layers stay until removed",
+        )
+    return Result(name, "OK", f"--userns-remap={setting}: {where}")
+
+
+def _pair(ids: tuple[int, int]) -> str:
+    return f"{ids[0]}:{ids[1]}"
+
+
+def _probe_snapshotter(host: Host, start: str) -> Result:
+    """A Stat of a key nobody made: a snapshotter answers NOT_FOUND, anything else is wrong."""
+    import grpc  # only the containerd front's checks need gRPC
+
+    from snapdriver.containerd.proto import snapshots_pb2 as pb
+    from snapdriver.containerd.service import SERVICE
+
+    name, probe = "plugin socket", f"snapdriver-doctor-{os.getpid()}"
+    unix_path(host.address)  # ValueError for an address that is not unix://
+    with grpc.insecure_channel(host.address) as channel:
+        stat = channel.unary_unary(
+            f"/{SERVICE}/Stat",
+            request_serializer=pb.StatSnapshotRequest.SerializeToString,
+            response_deserializer=pb.StatSnapshotResponse.FromString,
+        )
+        try:
+            stat(pb.StatSnapshotRequest(snapshotter=host.name, key=probe), timeout=host.timeout)
+        except grpc.RpcError as err:
+            code = err.code()
+            if code == grpc.StatusCode.NOT_FOUND:
+                return Result(name, "OK", f"{host.address} answers the snapshots API")
+            if code == grpc.StatusCode.UNAVAILABLE:
+                detail = f"nothing answers at {host.address}: {err.details()}"
+                return Result(name, "FAIL", detail, start)
+            detail = f"{host.address} answered Stat with {code.name}: {err.details()}"
+            return Result(name, "FAIL", detail, start)
+    return Result(name, "FAIL", f"{host.address} says a snapshot {probe!r} exists", start)
 
 
 def check_init_record(host: Host) -> Result:
@@ -524,6 +652,7 @@ FRONT_CHECKS: dict[str, list[Check]] = {
         check_dockerd_experimental,
         check_dockerd_driver,
         check_socket,
+        check_userns_remap,
         check_init_record,
         check_orphans,
     ],

@@ -1,4 +1,8 @@
-"""Which mounted filesystem holds a path (read from ``/proc/self/mountinfo``)."""
+"""What is mounted where, read from ``/proc/self/mountinfo``: the one place that parses it.
+
+``mount_of`` answers which filesystem holds a path; ``mounts_below`` what is mounted at or below
+one (the question every cleanup and leak check asks).
+"""
 
 from __future__ import annotations
 
@@ -32,6 +36,22 @@ def mounts() -> list[Mount]:
     return found
 
 
+def is_below(target: str, root: str | os.PathLike[str]) -> bool:
+    """True if mount point ``target`` is ``root`` itself or inside it (by path, not prefix)."""
+    top = os.fspath(root).rstrip("/") or "/"
+    return target == top or target.startswith(top.rstrip("/") + "/")
+
+
+def mounts_below(*roots: str | os.PathLike[str]) -> list[Mount]:
+    """Mounts at or below any of ``roots``, deepest first (the order to unmount them in).
+
+    Roots are compared as given: pass the real path (no symlinks) a mount point would show.
+    """
+    found = [m for m in mounts() if any(is_below(m.target, root) for root in roots)]
+    # mountinfo lists a stack bottom first: reversed, a stable sort keeps the top one first.
+    return sorted(reversed(found), key=lambda m: m.target.count("/"), reverse=True)
+
+
 def nearest_existing(path: Path) -> Path:
     """``path`` or its closest existing ancestor (a Home dockerd has not made yet)."""
     path = Path(os.path.abspath(path))
@@ -45,8 +65,7 @@ def mount_of(path: Path) -> Mount:
     real = os.path.realpath(nearest_existing(path))
     best: Mount | None = None
     for mount in mounts():
-        inside = real == mount.target or real.startswith(mount.target.rstrip("/") + "/")
-        if inside and (best is None or len(mount.target) >= len(best.target)):
+        if is_below(real, mount.target) and (best is None or len(mount.target) >= len(best.target)):
             best = mount
     if best is None:
         raise FileNotFoundError(f"no mount holds {path}")

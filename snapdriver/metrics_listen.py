@@ -2,7 +2,8 @@
 
 ``--metrics-listen`` takes ``HOST:PORT`` (``127.0.0.1:9323``, ``[::1]:9323``, ``:9323`` for every
 interface; ``http://`` before it is allowed) or ``unix:///path.sock`` for a scraper on the same
-node (nothing listens on the network). The unix socket is made mode 0600 and replaced if stale.
+node (nothing listens on the network). The unix socket is made mode 0600 (0660 and owned by
+``--metrics-group`` if given, for a scraper that does not run as root) and replaced if stale.
 
 prometheus-client's aiohttp handler serves the registry from the same event loop as the front, so
 the core's state is read at scrape time without a lock or a thread of its own.
@@ -69,18 +70,21 @@ def _bad(text: str, why: str) -> ConfigError:
 
 @contextlib.asynccontextmanager
 async def metrics_serving(
-    address: MetricsAddress | str | None, core: Core, backend: str = ""
+    address: MetricsAddress | str | None, core: Core, backend: str = "", group: int | None = None
 ) -> AsyncIterator[str | None]:
     """Measure ``core`` and serve the metrics at ``address`` until the block exits.
 
     With no address, nothing is measured and nothing listens (yields None). Yields where it
     listens (with the port TCP chose for port 0). A bad or busy address is a :class:`ConfigError`.
+    ``group`` may read a unix socket (mode 0660); it is an error for a TCP address.
     """
     if address is None:
         yield None
         return
     if isinstance(address, str):
         address = MetricsAddress.parse(address)
+    if group is not None and address.path is None:
+        raise ConfigError(f"--metrics-group is for a unix:// --metrics-listen, not {address}")
     registry = metrics.enable(backend)
     metrics.watch_core(core)
     from aiohttp import web
@@ -93,7 +97,7 @@ async def metrics_serving(
     await runner.setup()
     bound: list[Path] = []  # the socket to remove at the end: only one this made
     try:
-        yield await _start(runner, address, bound)
+        yield await _start(runner, address, bound, group)
     finally:
         await runner.cleanup()
         for path in bound:
@@ -101,7 +105,9 @@ async def metrics_serving(
         metrics.disable()
 
 
-async def _start(runner: web.AppRunner, address: MetricsAddress, bound: list[Path]) -> str:
+async def _start(
+    runner: web.AppRunner, address: MetricsAddress, bound: list[Path], group: int | None
+) -> str:
     from aiohttp import web
 
     from snapdriver.sockets import bind_unix_socket
@@ -109,7 +115,7 @@ async def _start(runner: web.AppRunner, address: MetricsAddress, bound: list[Pat
     site: web.BaseSite
     try:
         if address.path is not None:
-            site = web.SockSite(runner, bind_unix_socket(address.path, None))
+            site = web.SockSite(runner, bind_unix_socket(address.path, group))
             bound.append(address.path)
         else:
             site = web.TCPSite(runner, address.host or None, address.port)

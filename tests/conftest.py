@@ -17,6 +17,7 @@ import pytest
 from snapdriver_btrfs.testing import layer_subvolumes, stale_qgroups
 from snapdriver_zfs import testing as zfs_testing
 
+from snapdriver.hostfs import mounts_below
 from snapdriver.testing.loopfs import (
     MADE,
     can_make_loop_filesystems,
@@ -67,7 +68,7 @@ def btrfs_leftovers(mnt: Path) -> dict[str, list[str]]:
 def host_leftovers() -> dict[str, list[str]]:
     """Mounts and loop devices of this test run that outlived it."""
     ours = [str(workdir) for workdir in MADE]
-    mounts = [m for m in _lines("findmnt", "-rn", "-o", "TARGET") if any(w in m for w in ours)]
+    mounts = [m.target for m in mounts_below(*MADE)]
     loops = [line for line in _lines("losetup", "-a") if any(w in line for w in ours)]
     sockets = [str(path) for path in SOCKETS if os.path.lexists(path)]
     return {"mounts": mounts, "loop devices": loops, "plugin sockets": sockets}

@@ -33,6 +33,7 @@ from snapbench.images import FileLayout, file_image_tar
 from snapbench.report import duration, write_markdown, write_plots
 from snapbench.results import Results
 from snapbench.scenarios import Runner
+from snapdriver.hostfs import mounts_below
 from snapdriver.testing import loopfs
 from snapdriver.testing.loopfs import can_make_loop_filesystems, sweep_stale
 
@@ -349,11 +350,7 @@ def run(config: Config, results: Results) -> None:
 def leftovers(config: Config) -> list[str]:
     """Mounts, loop devices or datasets of this benchmark still present (there should be none)."""
     roots = (str(loopfs.STATE_ROOT), str(config.workdir))
-    found = [
-        line
-        for line in _output("findmnt", "-rn", "-o", "TARGET").splitlines()
-        if line.startswith(roots)
-    ]
+    found = [m.target for m in mounts_below(*roots)]
     found += [line for line in _output("losetup", "-a").splitlines() if roots[0] in line]
     if config.zpool:
         datasets = _output("zfs", "list", "-H", "-o", "name", "-t", "all", "-r", config.zpool)

@@ -38,7 +38,7 @@ from google.protobuf import empty_pb2, field_mask_pb2, message
 from snapdriver.containerd.proto import mount_pb2
 from snapdriver.containerd.proto import snapshots_pb2 as pb
 from snapdriver.testing.dockerd import busybox_rootfs_tar
-from snapdriver.testing.loopfs import _unmount_tree
+from snapdriver.testing.loopfs import unmount_below
 from snapdriver.testing.process import SOCKETS
 
 SERVICE = "/containerd.services.snapshots.v1.Snapshots/"
@@ -122,8 +122,16 @@ def code_of(call: Callable[[], object]) -> grpc.StatusCode:
 class Front:
     """``python -m snapdriver.containerd`` in its own process, restartable and killable."""
 
-    def __init__(self, root: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        env: Mapping[str, str] | None = None,
+        *,
+        backend: str = "btrfs",
+        backend_args: Sequence[str] = (),
+    ) -> None:
         self.root = root
+        self.backend, self.backend_args = backend, list(backend_args)
         self.socket = root.parent / f"{root.name}.sock"
         self.log = root.parent / f"{root.name}.log"
         self.env = dict(env or {})
@@ -136,7 +144,8 @@ class Front:
             "-m",
             "snapdriver.containerd",
             "--backend",
-            "btrfs",
+            self.backend,
+            *self.backend_args,
             "--root",
             str(self.root),
             "--listen",
@@ -370,8 +379,8 @@ class Containerd:
             self._proc = None
         for pid in self.shim_pids():
             os.kill(pid, signal.SIGKILL)
-        _unmount_tree(self.state)
-        _unmount_tree(self.root)
+        unmount_below(self.state)
+        unmount_below(self.root)
 
     def close(self) -> None:
         """Stop, and remove the private run directory (state and sockets) and runc's (empty)

@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from snapdriver.hostfs import mounts_below
+
 PREFIX = "snapdriver-test-"
 STATE_ROOT = Path(os.environ.get("SNAPDRIVER_TEST_ROOT", "/var/tmp/snapdriver-tests"))
 #: Work directories this process made, so a leak check can tell them from other runs'.
@@ -47,17 +49,12 @@ def _detach_image(image: Path) -> None:
         subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
 
 
-def _unmount_tree(mountpoint: Path) -> None:
-    """Unmount everything at or below ``mountpoint``, deepest first."""
-    targets = subprocess.run(
-        ["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True, check=False
-    ).stdout.split("\n")
-    root = str(mountpoint)
-    below = [t for t in targets if t == root or t.startswith(root + "/")]
-    for target in sorted(below, key=len, reverse=True):
-        subprocess.run(["umount", target], check=False, capture_output=True)
-        if os.path.ismount(target):
-            subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+def unmount_below(mountpoint: Path) -> None:
+    """Unmount everything at or below ``mountpoint``, deepest first (lazily if it is busy)."""
+    for mount in mounts_below(mountpoint):
+        subprocess.run(["umount", mount.target], check=False, capture_output=True)
+        if any(m.target == mount.target for m in mounts_below(mount.target)):
+            subprocess.run(["umount", "-l", mount.target], check=False, capture_output=True)
 
 
 def sweep_stale() -> None:
@@ -81,7 +78,7 @@ def _owner_alive(workdir: Path) -> bool:
 
 
 def _release(workdir: Path) -> None:
-    _unmount_tree(workdir / "mnt")
+    unmount_below(workdir / "mnt")
     _detach_image(workdir / "image")
     shutil.rmtree(workdir, ignore_errors=True)
 

@@ -8,13 +8,13 @@ never serves, or a run without ``-test.root``, does not.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from snapdriver.hostfs import mounts_below
 from snapdriver.testing import gosuite
 from snapdriver.testing.loopfs import loop_filesystem
 
@@ -47,10 +47,8 @@ def suite_fs(containerd_available: None) -> Iterator[Path]:
 
 
 def mounts_under(path: Path) -> list[str]:
-    targets = subprocess.run(
-        ["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True, check=False
-    ).stdout.splitlines()
-    return [t for t in targets if t.startswith(f"{path}/")]
+    """Mounts inside the suite's filesystem (``path`` itself is one)."""
+    return [m.target for m in mounts_below(path) if m.target != str(path)]
 
 
 def test_the_front_passes_containerds_suite_on_btrfs(

@@ -13,7 +13,6 @@ small Go program (tests/containerd/suite/refserver): a step that fails there is 
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ import grpc
 import pytest
 from snapdriver_btrfs.testing import subvolume_paths
 
+from snapdriver.hostfs import mounts_below
 from snapdriver.testing import gosuite
 from snapdriver.testing.conformance import Plugin
 from snapdriver.testing.containerd import (
@@ -153,10 +153,7 @@ class Env:
 
 
 def mounts_under(path: Path) -> list[str]:
-    targets = subprocess.run(
-        ["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True, check=False
-    ).stdout.splitlines()
-    return [t for t in targets if t == str(path) or t.startswith(f"{path}/")]
+    return [m.target for m in mounts_below(path)]
 
 
 @pytest.fixture(scope="module", params=["control", "btrfs"])

@@ -17,8 +17,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from snapdriver import doctor
 from snapdriver.containerd.proto import mount_pb2
 from snapdriver.containerd.proto import snapshots_pb2 as pb
+from snapdriver.doctor import Host
 from snapdriver.testing.containerd import Client, Front, code_of
 
 pytestmark = pytest.mark.btrfs
@@ -387,3 +389,20 @@ def test_calls_the_client_abandons_still_finish_whole(client: Client, front: Fro
     assert len(subvolumes(front)) == len(keys)
     for key in keys - {"base"}:
         bind_source(client.mounts(key), "rw")
+
+
+def test_doctor_probes_the_running_front(front: Front, tmp_path: Path) -> None:
+    """``snapdriver doctor --front containerd`` asks the front a real snapshots call."""
+    host = Host(
+        backend="btrfs",
+        front="containerd",
+        data_root=front.root,
+        listen=f"unix://{front.socket}",
+        timeout=10.0,
+    )
+    found = doctor.check_socket(host)
+    assert found.level == "OK" and "answers the snapshots API" in found.detail, found
+    assert doctor.check_filesystem(host).level == "OK"
+    front.stop()
+    gone = doctor.check_socket(host)
+    assert gone.level == "FAIL" and "nothing answers" in gone.detail, gone

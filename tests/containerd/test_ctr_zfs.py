@@ -7,16 +7,16 @@ One front and one restart for the whole module: under the lab's emulation a star
 from __future__ import annotations
 
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from snapdriver_zfs.testing import everything_below, mounts_below, scratch_root, skip_without_zfs
+from snapdriver_zfs.testing import dataset_mounts, everything_below, scratch_root, skip_without_zfs
 
 from snapdriver.containerd.proto import mount_pb2
+from snapdriver.hostfs import mount_of
 from snapdriver.testing.containerd import Front, code_of
 
 pytestmark = [pytest.mark.zfs, pytest.mark.slow]
@@ -27,23 +27,8 @@ class ZfsFront(Front):
     """The front with ``--backend zfs --dataset DATASET``."""
 
     def __init__(self, root: Path, dataset: str) -> None:
-        super().__init__(root)
+        super().__init__(root, backend="zfs", backend_args=("--dataset", dataset))
         self.dataset = dataset
-
-    def command(self) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "snapdriver.containerd",
-            "--backend",
-            "zfs",
-            "--dataset",
-            self.dataset,
-            "--root",
-            str(self.root),
-            "--listen",
-            f"unix://{self.socket}",
-        ]
 
 
 @pytest.fixture
@@ -79,13 +64,7 @@ def umount(target: Path) -> None:
 
 
 def dataset_of(mounts: list[mount_pb2.Mount]) -> str:
-    done = subprocess.run(
-        ["findmnt", "-n", "-o", "SOURCE", "--target", mounts[0].source],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return done.stdout.strip()
+    return mount_of(Path(mounts[0].source)).source
 
 
 def readonly(dataset: str) -> str:
@@ -140,6 +119,6 @@ def test_the_front_on_zfs(front: ZfsFront, mnt: Path) -> None:
             client.remove(key)
         client.cleanup()
         assert everything_below(front.dataset) == []
-        assert mounts_below(front.dataset) == []
+        assert dataset_mounts(front.dataset) == []
     finally:
         client.close()

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from snapdriver_zfs.testing import everything_below, mounts_below, scratch_root, skip_without_zfs
+from snapdriver_zfs.testing import dataset_mounts, everything_below, scratch_root, skip_without_zfs
 
 from snapdriver.testing import gosuite
 
@@ -59,7 +59,7 @@ def test_the_front_passes_containerds_suite_on_zfs(
     run = gosuite.run_suite(binary, command, tmp_path / "front", timeout=1500)
     figure(f"CONTAINERD SUITE (zfs): {run.summary()}")
     assert not run.problems(), run.failure_report()
-    assert mounts_below(suite_root) == [], "a stopped front left mounts"
+    assert dataset_mounts(suite_root) == [], "a stopped front left mounts"
     # The suite closes each snapshotter without removing what it made (128LayersMount keeps its
     # 128 layers): the fronts' datasets are the subtests' debris, not leaks. Gone before the
     # scratch root is judged.

@@ -42,6 +42,8 @@ def host(tmp_path: Path, **kw: object) -> Host:
         "daemon_json": tmp_path / "daemon.json",
         "containerd_config": tmp_path / "containerd.toml",
         "timeout": 5.0,
+        "dockerd_pid": -1,  # not a dockerd that happens to run on this machine
+        "etc": tmp_path / "etc",
     }
     defaults.update(kw)
     return Host(**defaults)  # type: ignore[arg-type]
@@ -127,12 +129,14 @@ def test_socket_file_left_by_a_dead_plugin(tmp_path: Path) -> None:
     assert containerd.level == "FAIL"
 
 
-def test_containerd_socket_accepting(tmp_path: Path) -> None:
+def test_containerd_socket_that_is_not_a_snapshotter(tmp_path: Path) -> None:
+    """Accepting connections is not enough: the probe is a snapshots API call (a real front
+    answering it is checked in tests/containerd/test_ctr_front.py)."""
     with socket.socket(socket.AF_UNIX) as server:
         server.bind(str(tmp_path / "plugin.sock"))
         server.listen()
-        result = doctor.check_socket(host(tmp_path, front="containerd"))
-    assert result.level == "OK"
+        result = doctor.check_socket(host(tmp_path, front="containerd", timeout=2.0))
+    assert result.level == "FAIL" and "answered Stat with" in result.detail, result
 
 
 def write_init(tmp_path: Path, home: Path) -> None:
@@ -152,6 +156,50 @@ def test_init_record_states(tmp_path: Path) -> None:
     assert doctor.check_init_record(host(tmp_path, backend="copydir")).level == "OK"
     (tmp_path / "state" / "init.json").write_text("{not json")
     assert doctor.check_init_record(host(tmp_path)).level == "FAIL"
+
+
+# -- userns-remap ----------------------------------------------------------------------------------
+
+
+def write_remap(tmp_path: Path, setting: str, subuid: str = "", subgid: str = "") -> Host:
+    (tmp_path / "etc").mkdir(exist_ok=True)
+    (tmp_path / "etc" / "subuid").write_text(subuid)
+    (tmp_path / "etc" / "subgid").write_text(subgid)
+    (tmp_path / "daemon.json").write_text(json.dumps({"userns-remap": setting}))
+    return host(tmp_path)
+
+
+def record_remap(tmp_path: Path, root: int) -> None:
+    maps = [{"container_id": 0, "host_id": root, "size": 65536}]
+    record = {"home": str(tmp_path), "options": [], "uid_maps": maps, "gid_maps": maps}
+    (tmp_path / "state").mkdir(exist_ok=True)
+    (tmp_path / "state" / "init.json").write_text(json.dumps(record))
+
+
+def test_userns_remap_without_subordinate_ids(tmp_path: Path) -> None:
+    result = doctor.check_userns_remap(write_remap(tmp_path, "sdremap", "other:100000:65536\n"))
+    assert result.level == "FAIL" and "no range for sdremap" in result.detail
+    assert f"sdremap:100000:65536 to {tmp_path}/etc/subuid" in result.fix
+    default = doctor.check_userns_remap(write_remap(tmp_path, "default"))
+    assert default.level == "OK" and "dockerd adds dockremap's IDs" in default.detail
+
+
+def test_userns_remap_root_is_the_lowest_range_and_moves_home(tmp_path: Path) -> None:
+    subuid = "other:1:5\nsdremap:300000:65536\nsdremap:200000:65536\n"
+    checked = write_remap(tmp_path, "sdremap:sdgroup", subuid, "sdgroup:400000:65536\n")
+    result = doctor.check_userns_remap(checked)
+    assert result.level == "OK" and "root is 200000:400000" in result.detail, result
+    assert checked.home == tmp_path / "data" / "200000.400000" / "sddoc"
+    record_remap(tmp_path, 100000)
+    moved = doctor.check_userns_remap(checked)
+    assert moved.level == "WARN" and "recorded Init remapped root to 100000:100000" in moved.detail
+
+
+def test_recorded_maps_without_remap_now(tmp_path: Path) -> None:
+    assert doctor.check_userns_remap(host(tmp_path)).level == "OK"
+    record_remap(tmp_path, 100000)
+    result = doctor.check_userns_remap(host(tmp_path))
+    assert result.level == "WARN" and "dockerd does not remap now" in result.detail
 
 
 # -- containerd's config ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ real socket and the metrics are scraped from the listener over another. The real
 from __future__ import annotations
 
 import asyncio
+import grp
 import json
 import socket
 import stat
@@ -170,11 +171,11 @@ async def post(client: Client, path: str, body: dict[str, Any]) -> int:
 Scenario = Callable[[Client, str], Awaitable[None]]
 
 
-async def serve(tmp_path: Path, address: str, scenario: Scenario) -> None:
+async def serve(tmp_path: Path, address: str, scenario: Scenario, group: int | None = None) -> None:
     backend = Backend.load("copydir")
     backend.pm.register(NativeDiffer(C))
     driver = GraphDriver(backend, tmp_path / "state")
-    async with metrics_serving(address, driver.core, "copydir") as where:
+    async with metrics_serving(address, driver.core, "copydir", group) as where:
         assert where is not None
         async with TestClient(TestServer(create_app(driver))) as client:
             await scenario(client, where.removesuffix("/metrics"))
@@ -299,3 +300,39 @@ def _exposition(registry: Any) -> str:
     from prometheus_client import generate_latest
 
     return generate_latest(registry).decode()
+
+
+def test_a_metrics_group_may_read_the_unix_socket(tmp_path: Path) -> None:
+    group = next(g for g in grp.getgrall() if g.gr_gid != 0)  # not root's: the owner must move
+    address = f"unix://{tmp_path}/metrics.sock"
+
+    async def scenario(client: Client, where: str) -> None:
+        info = (tmp_path / "metrics.sock").stat()
+        assert stat.S_IMODE(info.st_mode) == 0o660 and info.st_gid == group.gr_gid
+        assert (await asyncio.to_thread(scrape, where)).get(
+            "snapdriver_layers", status="ready"
+        ) == 0
+
+    asyncio.run(serve(tmp_path, address, scenario, group=group.gr_gid))
+
+
+def test_a_metrics_group_needs_a_unix_socket(tmp_path: Path) -> None:
+    done = cli(
+        "--listen",
+        f"unix://{tmp_path}/p.sock",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--metrics-group",
+        "root",
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == (
+        "snapdriver: error: --metrics-group is for a unix:// --metrics-listen, not "
+        "http://127.0.0.1:0"
+    )
+    done = cli("--listen", f"unix://{tmp_path}/p.sock", "--metrics-group", "no-such-group-x")
+    assert done.stderr.splitlines()[-1] == (
+        "snapdriver: error: --metrics-group 'no-such-group-x': no such group"
+    )

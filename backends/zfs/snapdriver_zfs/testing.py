@@ -70,13 +70,13 @@ def everything_below(root: str) -> list[str]:
     return sorted(n for n in names if n != root)
 
 
-def mounts_below(root: str) -> list[str]:
-    """Where datasets below ``root`` are mounted, outermost first."""
+def dataset_mounts(root: str) -> list[str]:
+    """Where datasets below ``root`` are mounted (by source, not path), outermost first."""
     return [m.target for m in mounts() if m.fstype == "zfs" and m.source.startswith(root + "/")]
 
 
 def detach_all_below(root: str) -> None:
-    for target in reversed(mounts_below(root)):
+    for target in reversed(dataset_mounts(root)):
         subprocess.run(["umount", "-l", target], check=False)
 
 
@@ -92,7 +92,7 @@ def leftovers(root: str) -> dict[str, list[str]]:
     return {
         "datasets": [n for n in names if "@" not in n],
         "snapshots": [n for n in names if "@" in n],
-        "mounts": mounts_below(root),
+        "mounts": dataset_mounts(root),
     }
 
 
