@@ -1,8 +1,9 @@
 """snapdriver: container layers as filesystem snapshots, behind a pluggy backend contract.
 
-The public API: the hook contract (``hookimpl``, ``BackendConfig``, ``CreateRequest``), change
-lists (``Change``, ``ChangeKind``), the exception tree, the core (``Core``, ``Backend``), and the
-graphdriver front (``GraphDriver``, ``create_app``, ``serving``, ``Listen``, ``TLSFiles``).
+The public API: the hook contract (``hookimpl``, ``BackendConfig``, ``CreateRequest``,
+``Finding``), change lists (``Change``, ``ChangeKind``), the exception tree, the core (``Core``,
+``Backend``), and the graphdriver front (``GraphDriver``, ``create_app``, ``serving``,
+``Listen``, ``TLSFiles``).
 
 What a backend author imports (the contract, the errors, change lists) loads nothing heavy; the
 core and the fronts (aiohttp, SQLite, the tar code) are imported on first use of their names.
@@ -27,7 +28,7 @@ from snapdriver.errors import (
     RequestError,
     SnapdriverError,
 )
-from snapdriver.hookspec import BackendConfig, CreateRequest, hookimpl
+from snapdriver.hookspec import BackendConfig, CreateRequest, Finding, hookimpl
 from snapdriver.layers.changes import Change, ChangeKind
 
 __version__ = "0.1.0"
@@ -68,6 +69,7 @@ __all__ = [
     "ConfigError",
     "Core",
     "CreateRequest",
+    "Finding",
     "GraphDriver",
     "LayerBusyError",
     "LayerExistsError",

@@ -1,8 +1,9 @@
 """``snapdriver doctor``: check a host for what would stop snapdriver, and say what to do.
 
-Each check is one function taking a :class:`Host` and returning one :class:`Result`. A check that
-depends on something another check found missing (the orphan sweep needs the plugin's socket)
-reports SKIP rather than a second problem. Exit status 1 if any check is WARN or FAIL.
+Each check is one function taking a :class:`Host` and returning one
+:class:`~snapdriver.hookspec.Finding`; the backend adds its own through ``snapdriver_doctor``. A
+check that depends on something another check found missing (the orphan sweep needs the plugin's
+socket) reports SKIP rather than a second problem. Exit status 1 if any check is WARN or FAIL.
 """
 
 from __future__ import annotations
@@ -22,17 +23,17 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from snapdriver import config
-from snapdriver.errors import ConfigError, SnapdriverError
+from snapdriver.errors import BackendLoadError, ConfigError, SnapdriverError
 from snapdriver.graphdriver.client import PluginClient, unix_path
 from snapdriver.graphdriver.driver import DEFAULT_ORPHAN_AGE, INIT_NAME, InitRecord
 from snapdriver.graphdriver.serve import PLUGIN_DIR
+from snapdriver.hookspec import PROBLEMS, BackendConfig, Finding, Level
 from snapdriver.hostfs import mount_of, nearest_existing
+from snapdriver.plugins import Backend
 
-Level = Literal["OK", "WARN", "FAIL", "SKIP"]
-PROBLEMS: frozenset[str] = frozenset({"WARN", "FAIL"})
 #: The filesystem type each built-in backend needs its Home on.
 FSTYPES = {"btrfs": "btrfs", "zfs": "zfs"}
 DOCKER_DATA_ROOT = Path("/var/lib/docker")
@@ -41,20 +42,6 @@ DAEMON_JSON = Path("/etc/docker/daemon.json")
 DEFAULT_MIN_FREE = 10.0  # percent of the data root's filesystem
 #: ``--userns-remap=default`` names this user and group (dockerd makes them at its start).
 DEFAULT_REMAP_USER = "dockremap"
-
-
-@dataclass(frozen=True)
-class Result:
-    """One check's outcome: what was found and, for a problem, what to do about it."""
-
-    check: str
-    level: Level
-    detail: str
-    fix: str = ""
-
-    def line(self) -> str:
-        fix = f" -> fix: {self.fix}" if self.fix and self.level in PROBLEMS else ""
-        return f"{self.level:<4} {self.check}: {self.detail}{fix}"
 
 
 @dataclass
@@ -78,6 +65,8 @@ class Host:
     orphan_age: float = DEFAULT_ORPHAN_AGE
     dockerd_pid: int | None = None
     timeout: float = 10.0
+    #: The command line and config file as the daemon would parse them, with the backend's flags.
+    backend_args: argparse.Namespace = field(default_factory=argparse.Namespace)
     _dockerd: list[Dockerd] | None = None
 
     @property
@@ -248,43 +237,43 @@ def read_daemon_json(path: Path) -> dict[str, Any]:
 # -- the checks ------------------------------------------------------------------------------------
 
 
-def check_kernel(host: Host) -> Result:
+def check_kernel(host: Host) -> Finding:
     """The kernel can mount the backend's filesystem."""
     name = "kernel support"
     if host.backend == "btrfs":
         filesystems = (host.proc / "filesystems").read_text().split()
         if "btrfs" in filesystems:
-            return Result(name, "OK", "btrfs is in /proc/filesystems")
-        return Result(name, "FAIL", "btrfs is not in /proc/filesystems", "modprobe btrfs")
+            return Finding(name, "OK", "btrfs is in /proc/filesystems")
+        return Finding(name, "FAIL", "btrfs is not in /proc/filesystems", "modprobe btrfs")
     if host.backend == "zfs":
         missing = [str(p) for p in (host.dev / "zfs", host.sys_module / "zfs") if not p.exists()]
         if not missing:
-            return Result(name, "OK", "/dev/zfs and the zfs module are present")
-        return Result(
+            return Finding(name, "OK", "/dev/zfs and the zfs module are present")
+        return Finding(
             name,
             "FAIL",
             f"the zfs module is not loaded ({', '.join(missing)} missing)",
             "apt-get install zfs-dkms zfsutils-linux && modprobe zfs",
         )
-    return Result(name, "SKIP", f"nothing known to check for backend {host.backend!r}")
+    return Finding(name, "SKIP", f"nothing known to check for backend {host.backend!r}")
 
 
-def check_filesystem(host: Host) -> Result:
+def check_filesystem(host: Host) -> Finding:
     """The backend's Home is (or will be made) on the filesystem the backend needs."""
     name = "data root filesystem"
     want = FSTYPES.get(host.backend)
     if want is None:
-        return Result(name, "SKIP", f"backend {host.backend!r} names no filesystem")
+        return Finding(name, "SKIP", f"backend {host.backend!r} names no filesystem")
     mount = mount_of(host.home)
     where = f"{host.home} is on {mount.fstype} ({mount.target})"
     if mount.fstype == want:
-        return Result(name, "OK", where)
+        return Finding(name, "OK", where)
     move = (
         "dockerd --data-root DIR (in daemon.json: data-root)"
         if host.front == "graphdriver"
         else "snapdriver containerd --root DIR"
     )
-    return Result(name, "FAIL", f"{where}, not {want}", f"put it on {want}: {move}")
+    return Finding(name, "FAIL", f"{where}, not {want}", f"put it on {want}: {move}")
 
 
 def _command_version(*cmd: str) -> str | None:
@@ -294,7 +283,7 @@ def _command_version(*cmd: str) -> str | None:
     return (done.stdout or done.stderr).strip().splitlines()[0] if done.returncode == 0 else None
 
 
-def check_tools(host: Host) -> Result:
+def check_tools(host: Host) -> Finding:
     """The backend's command-line tools are installed (btrfs-progs, zfsutils)."""
     name = "tools"
     if host.backend == "btrfs":
@@ -304,13 +293,13 @@ def check_tools(host: Host) -> Result:
         found = _command_version("zfs", "version")
         fix = "apt-get install zfsutils-linux"
     else:
-        return Result(name, "SKIP", f"nothing known to check for backend {host.backend!r}")
+        return Finding(name, "SKIP", f"nothing known to check for backend {host.backend!r}")
     if found is None:
-        return Result(name, "FAIL", f"the {host.backend} command does not run", fix)
-    return Result(name, "OK", found)
+        return Finding(name, "FAIL", f"the {host.backend} command does not run", fix)
+    return Finding(name, "OK", found)
 
 
-def check_library(host: Host) -> Result:
+def check_library(host: Host) -> Finding:
     """The Python binding the backend uses imports (btrfsutil; libzfs_core, optional)."""
     name = "library"
     level: Level = "FAIL"  # but libzfs_core is optional: the zfs command does all it does
@@ -319,12 +308,12 @@ def check_library(host: Host) -> Result:
     elif host.backend == "zfs":
         module, level, fix = "libzfs_core", "WARN", "apt-get install python3-pyzfs (faster calls)"
     else:
-        return Result(name, "SKIP", f"nothing known to check for backend {host.backend!r}")
+        return Finding(name, "SKIP", f"nothing known to check for backend {host.backend!r}")
     try:
         importlib.import_module(module)
     except Exception as err:  # an ImportError, or a binding that fails against its C library
-        return Result(name, level, f"import {module} fails: {err}", fix)
-    return Result(name, "OK", f"{module} {_dist_version(module)}")
+        return Finding(name, level, f"import {module} fails: {err}", fix)
+    return Finding(name, "OK", f"{module} {_dist_version(module)}")
 
 
 def _dist_version(module: str) -> str:
@@ -336,35 +325,40 @@ def _dist_version(module: str) -> str:
     return "(version unknown)"
 
 
-def size_options(host: Host) -> list[str]:
-    """The storage options that ask for a size limit, from the command line and dockerd."""
+def storage_options(host: Host) -> list[str]:
+    """``KEY=VALUE`` storage options from the command line and (graphdriver) dockerd's."""
     opts = [*host.storage_opts]
     if host.front == "graphdriver":
         opts += host.dockerd_settings().storage_opts
-    return [o for o in opts if o.partition("=")[0].split(".")[-1] == "size"]
+    return opts
 
 
-def check_quota(host: Host) -> Result:
+def size_options(host: Host) -> list[str]:
+    """The storage options that ask for a size limit."""
+    return [o for o in storage_options(host) if o.partition("=")[0].split(".")[-1] == "size"]
+
+
+def check_quota(host: Host) -> Finding:
     """A configured size limit can be enforced (btrfs: quotas are on, or may be switched on)."""
     name = "quota"
     if host.backend != "btrfs":
-        return Result(name, "SKIP", f"not checked for backend {host.backend!r}")
+        return Finding(name, "SKIP", f"not checked for backend {host.backend!r}")
     sizes = size_options(host)
     if not sizes:
-        return Result(name, "OK", "no size limit configured")
+        return Finding(name, "OK", "no size limit configured")
     from snapdriver_btrfs import ioctl
 
     root = nearest_existing(host.home)
     try:
         enabled = ioctl.quota_enabled(root)
     except OSError as err:
-        return Result(name, "SKIP", f"cannot read the quota state of {root}: {err}")
+        return Finding(name, "SKIP", f"cannot read the quota state of {root}: {err}")
     if enabled:
-        return Result(name, "OK", f"{', '.join(sizes)} configured; quotas are on at {root}")
+        return Finding(name, "OK", f"{', '.join(sizes)} configured; quotas are on at {root}")
     opts = [*host.storage_opts, *host.dockerd_settings().storage_opts]
     if any(o.replace(" ", "") == "btrfs.enable_quota=true" for o in opts):
-        return Result(name, "OK", f"{', '.join(sizes)}: quotas will be switched on (enable_quota)")
-    return Result(
+        return Finding(name, "OK", f"{', '.join(sizes)}: quotas will be switched on (enable_quota)")
+    return Finding(
         name,
         "FAIL",
         f"{', '.join(sizes)} configured but btrfs quotas are off at {root}",
@@ -372,7 +366,7 @@ def check_quota(host: Host) -> Result:
     )
 
 
-def check_free_space(host: Host) -> Result:
+def check_free_space(host: Host) -> Finding:
     """The data root's filesystem has more than ``min_free`` percent free."""
     name = "free space"
     root = nearest_existing(host.home)
@@ -381,8 +375,8 @@ def check_free_space(host: Host) -> Result:
     percent = 100.0 * free / total if total else 0.0
     detail = f"{_size(free)} of {_size(total)} free ({percent:.1f} %) at {root}"
     if percent >= host.min_free:
-        return Result(name, "OK", detail)
-    return Result(
+        return Finding(name, "OK", detail)
+    return Finding(
         name,
         "WARN",
         f"{detail}, below {host.min_free:g} %",
@@ -402,19 +396,19 @@ def _size(count: int) -> str:
 _DOCKER_VERSION = re.compile(r"Docker version (\d+)\.(\d+)\.(\S+?),")
 
 
-def check_dockerd_version(host: Host) -> Result:
+def check_dockerd_version(host: Host) -> Finding:
     """dockerd runs and its version still loads graphdriver plugins."""
     name = "dockerd version"
     running = host.dockerds()
     if not running:
-        return Result(
+        return Finding(
             name, "WARN", "no dockerd is running", "start dockerd (systemctl start docker)"
         )
     dockerd = running[0]
     found = _command_version(dockerd.exe, "--version") or ""
     match = _DOCKER_VERSION.search(found)
     if not match:
-        return Result(
+        return Finding(
             name,
             "WARN",
             f"dockerd pid {dockerd.pid} ({dockerd.exe}) does not tell its version: {found!r}",
@@ -423,33 +417,33 @@ def check_dockerd_version(host: Host) -> Result:
     return _judge_version(name, int(match[1]), found, dockerd.environ)
 
 
-def _judge_version(name: str, major: int, found: str, environ: dict[str, str]) -> Result:
+def _judge_version(name: str, major: int, found: str, environ: dict[str, str]) -> Finding:
     if major < 20:
-        return Result(name, "WARN", f"{found}: older than 20.10, untested", "use Docker 20.10-26")
+        return Finding(name, "WARN", f"{found}: older than 20.10, untested", "use Docker 20.10-26")
     if major >= 28:
-        return Result(
+        return Finding(
             name,
             "FAIL",
             f"{found}: Docker 28 removed graphdriver plugins",
             "use Docker 20.10-27, or the containerd front (snapdriver containerd)",
         )
     if major == 27 and environ.get("DOCKERD_DEPRECATED_GRAPHDRIVER_PLUGINS") != "1":
-        return Result(
+        return Finding(
             name,
             "FAIL",
             f"{found}: Docker 27 loads graphdriver plugins only when asked",
             "set DOCKERD_DEPRECATED_GRAPHDRIVER_PLUGINS=1 in dockerd's environment",
         )
-    return Result(name, "OK", found)
+    return Finding(name, "OK", found)
 
 
-def check_dockerd_experimental(host: Host) -> Result:
+def check_dockerd_experimental(host: Host) -> Finding:
     """dockerd runs with ``--experimental`` (graphdriver plugins need it)."""
     name = "dockerd experimental"
     settings = host.dockerd_settings()
     if settings.experimental:
-        return Result(name, "OK", f"experimental is on ({settings.source})")
-    return Result(
+        return Finding(name, "OK", f"experimental is on ({settings.source})")
+    return Finding(
         name,
         "FAIL",
         f"experimental is off ({settings.source})",
@@ -457,15 +451,15 @@ def check_dockerd_experimental(host: Host) -> Result:
     )
 
 
-def check_dockerd_driver(host: Host) -> Result:
+def check_dockerd_driver(host: Host) -> Finding:
     """dockerd names this plugin as its storage driver."""
     name = "dockerd storage driver"
     settings = host.dockerd_settings()
     driver = settings.storage_driver
     if driver is not None and (driver == host.name or driver.split(":")[0] == host.name):
-        return Result(name, "OK", f"{driver} ({settings.source})")
+        return Finding(name, "OK", f"{driver} ({settings.source})")
     said = f"storage driver is {driver}" if driver else "no storage driver is set"
-    return Result(
+    return Finding(
         name,
         "FAIL",
         f"{said} ({settings.source}), not {host.name}",
@@ -474,7 +468,7 @@ def check_dockerd_driver(host: Host) -> Result:
     )
 
 
-def check_socket(host: Host) -> Result:
+def check_socket(host: Host) -> Finding:
     """The plugin answers on its socket (graphdriver: Plugin.Activate; containerd: a Stat)."""
     name = "plugin socket"
     unit = (
@@ -489,13 +483,13 @@ def check_socket(host: Host) -> Result:
         with PluginClient(host.address, timeout=host.timeout) as client:
             reply = client.call("Plugin.Activate")
     except (OSError, ValueError, SnapdriverError) as err:
-        return Result(name, "FAIL", f"nothing answers at {host.address}: {err}", start)
+        return Finding(name, "FAIL", f"nothing answers at {host.address}: {err}", start)
     if "GraphDriver" not in reply.get("Implements", []):
-        return Result(name, "FAIL", f"{host.address} is not a graphdriver: {reply}", start)
-    return Result(name, "OK", f"{host.address} answers Plugin.Activate")
+        return Finding(name, "FAIL", f"{host.address} is not a graphdriver: {reply}", start)
+    return Finding(name, "OK", f"{host.address} answers Plugin.Activate")
 
 
-def check_userns_remap(host: Host) -> Result:
+def check_userns_remap(host: Host) -> Finding:
     """dockerd's userns-remap has subordinate IDs, and matches the maps of the recorded Init."""
     name = "userns-remap"
     setting = host.dockerd_settings().userns_remap
@@ -506,8 +500,8 @@ def check_userns_remap(host: Host) -> Result:
     recorded = record.idmap.root if record and record.idmap else None
     if not setting:
         if recorded is None:
-            return Result(name, "OK", "dockerd does not remap user namespaces")
-        return Result(
+            return Finding(name, "OK", "dockerd does not remap user namespaces")
+        return Finding(
             name,
             "WARN",
             f"the recorded Init remapped root to {_pair(recorded)}, dockerd does not remap now: "
@@ -517,13 +511,15 @@ def check_userns_remap(host: Host) -> Result:
     return _judge_remap(host, setting, recorded)
 
 
-def _judge_remap(host: Host, setting: str, recorded: tuple[int, int] | None) -> Result:
+def _judge_remap(host: Host, setting: str, recorded: tuple[int, int] | None) -> Finding:
     name, (user, group) = "userns-remap", remap_names(setting)
     root = host.remapped_root()
     if root is None:
         if setting.partition(":")[0] == "default":
-            return Result(name, "OK", f"--userns-remap=default: dockerd adds {user}'s IDs at start")
-        return Result(
+            return Finding(
+                name, "OK", f"--userns-remap=default: dockerd adds {user}'s IDs at start"
+            )
+        return Finding(
             name,
             "FAIL",
             f"--userns-remap={setting}: no range for {user} in {host.etc / 'subuid'} "
@@ -533,20 +529,20 @@ def _judge_remap(host: Host, setting: str, recorded: tuple[int, int] | None) -> 
         )
     where = f"root is {_pair(root)}, layers in {host.home}"
     if recorded is not None and recorded != root:
-        return Result(
+        return Finding(
             name,
             "WARN",
             f"{where}, but the recorded Init remapped root to {_pair(recorded)}",
             "dockerd will send Init for the new Home; the old Home's layers stay until removed",
         )
-    return Result(name, "OK", f"--userns-remap={setting}: {where}")
+    return Finding(name, "OK", f"--userns-remap={setting}: {where}")
 
 
 def _pair(ids: tuple[int, int]) -> str:
     return f"{ids[0]}:{ids[1]}"
 
 
-def _probe_snapshotter(host: Host, start: str) -> Result:
+def _probe_snapshotter(host: Host, start: str) -> Finding:
     """A Stat of a key nobody made: a snapshotter answers NOT_FOUND, anything else is wrong."""
     import grpc  # only the containerd front's checks need gRPC
 
@@ -566,16 +562,16 @@ def _probe_snapshotter(host: Host, start: str) -> Result:
         except grpc.RpcError as err:
             code = err.code()
             if code == grpc.StatusCode.NOT_FOUND:
-                return Result(name, "OK", f"{host.address} answers the snapshots API")
+                return Finding(name, "OK", f"{host.address} answers the snapshots API")
             if code == grpc.StatusCode.UNAVAILABLE:
                 detail = f"nothing answers at {host.address}: {err.details()}"
-                return Result(name, "FAIL", detail, start)
+                return Finding(name, "FAIL", detail, start)
             detail = f"{host.address} answered Stat with {code.name}: {err.details()}"
-            return Result(name, "FAIL", detail, start)
-    return Result(name, "FAIL", f"{host.address} says a snapshot {probe!r} exists", start)
+            return Finding(name, "FAIL", detail, start)
+    return Finding(name, "FAIL", f"{host.address} says a snapshot {probe!r} exists", start)
 
 
-def check_init_record(host: Host) -> Result:
+def check_init_record(host: Host) -> Finding:
     """The recorded Init (graphdriver front) names a Home that exists on the right filesystem."""
     name = "Init record"
     path = host.state / INIT_NAME
@@ -583,30 +579,30 @@ def check_init_record(host: Host) -> Result:
     try:
         record = InitRecord.load(host.state)
     except ConfigError as err:
-        return Result(name, "FAIL", str(err), fix)
+        return Finding(name, "FAIL", str(err), fix)
     if record is None:
-        return Result(name, "OK", f"no Init recorded at {path} yet")
+        return Finding(name, "OK", f"no Init recorded at {path} yet")
     if not record.home.is_dir():
-        return Result(name, "FAIL", f"{path} names Home {record.home}, which is gone", fix)
+        return Finding(name, "FAIL", f"{path} names Home {record.home}, which is gone", fix)
     want, fstype = FSTYPES.get(host.backend), mount_of(record.home).fstype
     if want and fstype != want:
         detail = f"{path} names Home {record.home}, on {fstype}, not {want}"
-        return Result(name, "FAIL", detail, fix)
-    return Result(name, "OK", f"Home {record.home} ({fstype})")
+        return Finding(name, "FAIL", detail, fix)
+    return Finding(name, "OK", f"Home {record.home} ({fstype})")
 
 
-def check_orphans(host: Host) -> Result:
+def check_orphans(host: Host) -> Finding:
     """The running plugin holds no orphan layers (a dry-run sweep)."""
     name = "orphan layers"
     try:
         with PluginClient(host.address, timeout=host.timeout) as client:
             reply = client.call("Snapdriver.Sweep", {"DryRun": True, "MinAge": host.orphan_age})
     except (OSError, ValueError, SnapdriverError) as err:
-        return Result(name, "SKIP", f"not checked, the plugin does not answer ({err})")
+        return Finding(name, "SKIP", f"not checked, the plugin does not answer ({err})")
     orphans = reply.get("Removed") or []
     if not orphans:
-        return Result(name, "OK", "none")
-    return Result(
+        return Finding(name, "OK", "none")
+    return Finding(
         name,
         "WARN",
         f"{len(orphans)} orphan layer(s): {', '.join(orphans[:3])}{' ...' * (len(orphans) > 3)}",
@@ -614,7 +610,7 @@ def check_orphans(host: Host) -> Result:
     )
 
 
-def check_containerd_config(host: Host) -> Result:
+def check_containerd_config(host: Host) -> Finding:
     """containerd's config names this snapshotter in ``[proxy_plugins]`` at its socket."""
     name = "containerd proxy_plugins"
     path, socket_path = host.containerd_config, unix_path(host.address)
@@ -625,19 +621,29 @@ def check_containerd_config(host: Host) -> Result:
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
-        return Result(name, "FAIL", f"{path} does not exist", snippet)
+        return Finding(name, "FAIL", f"{path} does not exist", snippet)
     except (OSError, tomllib.TOMLDecodeError) as err:
-        return Result(name, "FAIL", f"{path} is unreadable: {err}", f"fix {path}")
+        return Finding(name, "FAIL", f"{path} is unreadable: {err}", f"fix {path}")
     entry = data.get("proxy_plugins", {}).get(host.name)
     if not isinstance(entry, dict):
-        return Result(name, "FAIL", f"{path} has no [proxy_plugins.{host.name}]", snippet)
+        return Finding(name, "FAIL", f"{path} has no [proxy_plugins.{host.name}]", snippet)
     if entry.get("type") != "snapshot" or entry.get("address") != socket_path:
         said = f"type {entry.get('type')!r}, address {entry.get('address')!r}"
-        return Result(name, "FAIL", f"[proxy_plugins.{host.name}] has {said}", snippet)
-    return Result(name, "OK", f"[proxy_plugins.{host.name}] at {socket_path} in {path}")
+        return Finding(name, "FAIL", f"[proxy_plugins.{host.name}] has {said}", snippet)
+    return Finding(name, "OK", f"[proxy_plugins.{host.name}] at {socket_path} in {path}")
 
 
-Check = Callable[[Host], Result]
+def check_backend(host: Host) -> list[Finding]:
+    """What the backend itself checks (``snapdriver_doctor``), with the settings it would get."""
+    try:
+        backend = Backend.load(host.backend)
+    except BackendLoadError as err:
+        return [Finding("backend", "FAIL", str(err), "see the library check above")]
+    options = dict(o.partition("=")[::2] for o in storage_options(host))
+    return backend.doctor(BackendConfig(host.home, options, host.backend_args))
+
+
+Check = Callable[[Host], Finding | list[Finding]]
 COMMON: list[Check] = [
     check_kernel,
     check_filesystem,
@@ -645,6 +651,7 @@ COMMON: list[Check] = [
     check_library,
     check_quota,
     check_free_space,
+    check_backend,
 ]
 FRONT_CHECKS: dict[str, list[Check]] = {
     "graphdriver": [
@@ -660,15 +667,16 @@ FRONT_CHECKS: dict[str, list[Check]] = {
 }
 
 
-def run_checks(host: Host) -> list[Result]:
+def run_checks(host: Host) -> list[Finding]:
     """Every check for the host's front; a check that crashes is reported, not raised."""
-    results = []
+    results: list[Finding] = []
     for check in COMMON + FRONT_CHECKS[host.front]:
         try:
-            results.append(check(host))
+            found = check(host)
+            results += found if isinstance(found, list) else [found]
         except Exception as err:  # a broken check must not hide the others' findings
             name = check.__name__.removeprefix("check_").replace("_", " ")
-            results.append(Result(name, "FAIL", f"the check itself failed: {err!r}"))
+            results.append(Finding(name, "FAIL", f"the check itself failed: {err!r}"))
     return results
 
 
@@ -707,11 +715,15 @@ def host_from_argv(argv: Sequence[str]) -> Host:
     """The host to check: flags over environment over the config file's settings of the front."""
     flags = parser()
     front = flags.parse_known_args(argv)[0].front
-    file = config.read_file(config.path_from_argv(argv))
-    config.check_file(file, config.backend_actions)
-    args = config.resolve(flags, argv, file, front).args
+    file, args = config.early(flags, argv, front)
     if not args.backend:
         raise ConfigError("--backend is required (or backend in the config file)")
+    try:
+        backend = Backend.load(args.backend)
+    except BackendLoadError:
+        pass  # the library and backend checks say why; its own flags are not known then
+    else:
+        args = config.with_backend(flags, argv, file, front, backend).args
     return Host(
         backend=args.backend,
         name=args.name,
@@ -725,6 +737,7 @@ def host_from_argv(argv: Sequence[str]) -> Host:
         dockerd_pid=args.dockerd_pid,
         containerd_config=args.containerd_config,
         daemon_json=args.daemon_json,
+        backend_args=args,
     )
 
 

@@ -31,7 +31,7 @@ import argparse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import pluggy
 
@@ -69,6 +69,29 @@ class BackendConfig:
     home: Path
     options: Mapping[str, str] = field(default_factory=dict)
     args: argparse.Namespace = field(default_factory=argparse.Namespace)
+
+
+Level = Literal["OK", "WARN", "FAIL", "SKIP"]
+#: The levels that make ``snapdriver doctor`` exit 1.
+PROBLEMS: frozenset[str] = frozenset({"WARN", "FAIL"})
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One check of ``snapdriver doctor``: what was found and, for a problem, what to do.
+
+    ``level``: ``OK``; ``WARN`` or ``FAIL`` (a problem: ``fix`` says what to do); ``SKIP`` when
+    it cannot be checked because of something another check reports.
+    """
+
+    check: str
+    level: Level
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        fix = f" -> fix: {self.fix}" if self.fix and self.level in PROBLEMS else ""
+        return f"{self.level:<4} {self.check}: {self.detail}{fix}"
 
 
 @dataclass(frozen=True)
@@ -197,6 +220,18 @@ def snapdriver_metadata(layer: str) -> dict[str, str]:
 @hookspec
 def snapdriver_cleanup() -> None:
     """dockerd is shutting down (Cleanup). Release caches; never undo user settings."""
+
+
+@hookspec
+def snapdriver_doctor(config: BackendConfig) -> list[Finding]:
+    """Check this host for the backend, for ``snapdriver doctor``; change nothing.
+
+    Called on a loaded backend that was never set up (``snapdriver_setup`` has not run), with
+    the configuration the daemon would start with. Return what a generic check cannot know
+    (where the layers would go, a property another owner set); every implementation's findings
+    are printed, in order. Optional.
+    """
+    raise NotImplementedError
 
 
 @hookspec

@@ -12,7 +12,7 @@ import pluggy
 
 from snapdriver import hookspec
 from snapdriver.errors import BackendError, BackendLoadError
-from snapdriver.hookspec import REQUIRED_HOOKS, BackendConfig, CreateRequest, hookimpl
+from snapdriver.hookspec import REQUIRED_HOOKS, BackendConfig, CreateRequest, Finding, hookimpl
 from snapdriver.layers.changes import Change, walk_changes
 
 BACKEND_GROUP = "snapdriver.backends"
@@ -117,6 +117,9 @@ class Backend:
 
     def reclaim(self, timeout: float) -> None:
         self._hook.snapdriver_reclaim(timeout=timeout)
+
+    def doctor(self, config: BackendConfig) -> list[Finding]:
+        return [found for each in self._hook.snapdriver_doctor(config=config) for found in each]
 
     def instant_mounts(self) -> bool:
         return bool(self._hook.snapdriver_instant_mounts())

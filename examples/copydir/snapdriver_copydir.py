@@ -1,8 +1,9 @@
 """An example snapdriver backend: every layer is a plain directory, a child a full copy.
 
-It is the smallest complete backend: the six required hooks and nothing else. Changes come from
-the core's tree walk, and the core builds Diff, ApplyDiff, reference counts and state on top.
-Copies use ``cp -a --reflink=auto``, so on btrfs or XFS they share blocks with the parent.
+It is the smallest complete backend: the six required hooks, and one optional hook to show how a
+backend adds its own check to ``snapdriver doctor``. Changes come from the core's tree walk, and
+the core builds Diff, ApplyDiff, reference counts and state on top. Copies use
+``cp -a --reflink=auto``, so on btrfs or XFS they share blocks with the parent.
 """
 
 from __future__ import annotations
@@ -12,7 +13,18 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from snapdriver import BackendConfig, BackendError, CreateRequest, QuotaNotSupportedError, hookimpl
+from snapdriver import (
+    BackendConfig,
+    BackendError,
+    CreateRequest,
+    Finding,
+    QuotaNotSupportedError,
+    hookimpl,
+)
+from snapdriver.hostfs import mount_of
+
+#: Filesystems where ``cp --reflink`` shares blocks (XFS only when made with reflink=1).
+REFLINK_FILESYSTEMS = frozenset({"btrfs", "xfs", "bcachefs"})
 
 
 class CopyDirBackend:
@@ -28,6 +40,22 @@ class CopyDirBackend:
     def snapdriver_setup(self, config: BackendConfig) -> None:
         self.layers_dir = config.home / "dirs"
         self.layers_dir.mkdir(parents=True, exist_ok=True)
+
+    @hookimpl
+    def snapdriver_doctor(self, config: BackendConfig) -> list[Finding]:
+        fstype = mount_of(config.home).fstype
+        if fstype in REFLINK_FILESYSTEMS:
+            return [
+                Finding("copydir copies", "OK", f"{fstype}: a child shares its parent's blocks")
+            ]
+        return [
+            Finding(
+                "copydir copies",
+                "WARN",
+                f"{config.home} is on {fstype}: every layer is a full copy of its parent",
+                "keep the Home on btrfs or XFS (reflink=1)",
+            )
+        ]
 
     @hookimpl
     def snapdriver_create(self, request: CreateRequest) -> None:

@@ -47,6 +47,7 @@ def host(data_root: Path, tmp_path: Path, **kw: object) -> Host:
         "listen": f"unix://{tmp_path}/none.sock",
         "state_dir": tmp_path / "state",
         "daemon_json": tmp_path / "daemon.json",
+        "dockerd_pid": -1,  # not a dockerd that happens to run on this machine
     }
     settings.update(kw)
     return Host(**settings)  # type: ignore[arg-type]
@@ -186,3 +187,16 @@ def test_doctor_command_exit_status(plugin: tuple[PluginProcess, Path], tmp_path
     problems = {check for check, level in levels.items() if level in ("WARN", "FAIL")}
     assert problems == {"WARN dockerd version"}, done.stdout  # no dockerd runs: the one problem
     assert done.returncode == 1
+
+
+def test_a_backend_adds_its_own_findings(btrfs_mount: Path, tmp_path: Path) -> None:
+    """The example backend's ``snapdriver_doctor`` hook: its finding depends on the real
+    filesystem under the Home (btrfs shares blocks; tmpfs makes full copies)."""
+    on_btrfs = doctor.check_backend(host(btrfs_mount / "docker", tmp_path, backend="copydir"))
+    assert [(f.check, f.level) for f in on_btrfs] == [("copydir copies", "OK")]
+    with tmpfs() as mnt:
+        (found,) = doctor.check_backend(host(mnt / "docker", tmp_path, backend="copydir"))
+    assert found.level == "WARN" and "every layer is a full copy" in found.detail
+    assert found.fix.startswith("keep the Home on btrfs")
+    (unknown,) = doctor.check_backend(host(mnt, tmp_path, backend="no-such-backend"))
+    assert unknown.level == "FAIL" and "no-such-backend" in unknown.detail

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from snapdriver import config, doctor
-from snapdriver.doctor import Dockerd, Host, Result
+from snapdriver.doctor import Dockerd, Host
+from snapdriver.hookspec import Finding
 
 
 @pytest.fixture(autouse=True)
@@ -353,7 +354,7 @@ def test_doctor_needs_a_backend() -> None:
 def test_a_crashing_check_is_reported_not_raised(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(checked: Host) -> Result:
+    def broken(checked: Host) -> Finding:
         raise RuntimeError("boom")
 
     monkeypatch.setattr(doctor, "COMMON", [broken])

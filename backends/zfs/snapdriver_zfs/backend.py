@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from snapdriver.errors import BackendError, ConfigError
-from snapdriver.hookspec import BackendConfig, CreateRequest, hookimpl
+from snapdriver.hookspec import BackendConfig, CreateRequest, Finding, hookimpl
 from snapdriver.hostfs import mount_of
 from snapdriver.layers.changes import Change
 from snapdriver_zfs import mounts
@@ -108,6 +108,12 @@ class ZfsBackend:
         self._origins.clear()  # layer IDs of another root dataset, perhaps
         self._trash_pending = True  # a crash may have left some: look once
         self._collect_trash()
+
+    @hookimpl
+    def snapdriver_doctor(self, config: BackendConfig) -> list[Finding]:
+        from snapdriver_zfs.doctor import findings  # it imports this module's set-up steps
+
+        return findings(config)
 
     @hookimpl
     def snapdriver_status(self) -> list[tuple[str, str]]:
