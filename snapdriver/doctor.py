@@ -355,7 +355,7 @@ def check_quota(host: Host) -> Finding:
         return Finding(name, "SKIP", f"cannot read the quota state of {root}: {err}")
     if enabled:
         return Finding(name, "OK", f"{', '.join(sizes)} configured; quotas are on at {root}")
-    opts = [*host.storage_opts, *host.dockerd_settings().storage_opts]
+    opts = storage_options(host)
     if any(o.replace(" ", "") == "btrfs.enable_quota=true" for o in opts):
         return Finding(name, "OK", f"{', '.join(sizes)}: quotas will be switched on (enable_quota)")
     return Finding(
