@@ -14,7 +14,7 @@ import pytest
 from snapdriver.testing.lab import cli, klog, keys
 from snapdriver.testing.lab.build import guest_sources, version_key
 from snapdriver.testing.lab.errors import LabError
-from snapdriver.testing.lab.hostfs import inside, mounts_under
+from snapdriver.testing.lab.hostfs import cache_dirs, inside, mounts_under, replace_file
 from snapdriver.testing.lab.initrd import insmod_lines, unpacked_name
 from snapdriver.testing.lab.paths import check_paths, lab_paths
 from snapdriver.testing.lab.qemu import Guest, qemu_argv
@@ -315,3 +315,24 @@ def test_build_pure_parts() -> None:
     assert "Suites: bookworm bookworm-updates\nComponents: main contrib\n" in text
     assert "URIs: http://s/debian-security\nSuites: bookworm-security\n" in text
     assert "security" not in guest_sources("http://m/debian", None, "bookworm")
+
+
+def test_replace_file_never_follows_a_link(tmp_path: Path) -> None:
+    """A symlink where the lab writes (rootfs, checkout) is replaced, its target left alone."""
+    target = tmp_path / "host-file"
+    target.write_text("host")
+    link = tmp_path / "resolv.conf"
+    link.symlink_to(target)
+    replace_file(link, b"guest", 0o755)
+    assert (target.read_text(), link.read_text(), link.is_symlink()) == ("host", "guest", False)
+    assert link.stat().st_mode & 0o777 == 0o755
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["host-file", "resolv.conf"]
+
+
+def test_cache_dirs(tmp_path: Path) -> None:
+    """Cache directories are the visible directories of the base (no files, no dot-dirs)."""
+    for name in ("637a9f10dd4b6891", ".hidden", "b"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "file").write_text("")
+    assert [p.name for p in cache_dirs(tmp_path)] == ["637a9f10dd4b6891", "b"]
+    assert cache_dirs(tmp_path / "missing") == []

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import stat
 import sys
 import subprocess
@@ -20,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import LabError, log
-from .hostfs import ensure_host, ensure_host_file, safe_rm, tail, umount_under
+from .hostfs import ensure_host, ensure_host_file, replace_file, safe_rm, tail, umount_under
 from .keys import host_mirror, recipe_value
 from .paths import LabPaths
 
@@ -108,14 +107,14 @@ def prepare_chroot(paths: LabPaths, suite: str, mirror: str) -> None:
     security = host_mirror(f"{suite}-security")
     (rootfs / "etc/apt/sources.list").unlink(missing_ok=True)
     sources = guest_sources(mirror, security, suite)
-    (rootfs / "etc/apt/sources.list.d/debian.sources").write_text(sources)
+    replace_file(rootfs / "etc/apt/sources.list.d/debian.sources", sources.encode())
     try:  # the host's resolver, followed (it may be a link into /run)
-        shutil.copyfile("/etc/resolv.conf", rootfs / "etc/resolv.conf", follow_symlinks=True)
+        replace_file(rootfs / "etc/resolv.conf", Path("/etc/resolv.conf").read_bytes())
     except OSError:
         pass
-    (rootfs / "etc/hostname").write_text("snapdriver-lab\n")
-    shutil.copyfile(paths.vagrant / "provision.sh", rootfs / "root/provision.sh")
-    os.chmod(rootfs / "root/provision.sh", 0o755)
+    replace_file(rootfs / "etc/hostname", b"snapdriver-lab\n")
+    provision = (paths.vagrant / "provision.sh").read_bytes()
+    replace_file(rootfs / "root/provision.sh", provision, 0o755)
 
 
 def provision(paths: LabPaths, suite: str, mirror: str) -> None:

@@ -24,7 +24,7 @@ from types import FrameType
 from . import klog
 from .build import build_rootfs
 from .errors import LabError, Terminated, log
-from .hostfs import CacheLock, ensure_host, need_root, safe_rm
+from .hostfs import CacheLock, cache_dirs, ensure_host, need_root, replace_file, safe_rm
 from .initrd import build_initrd
 from .paths import LabPaths, check_paths, lab_paths
 from .qemu import Guest, qemu_argv, supervise
@@ -56,8 +56,8 @@ def parser() -> argparse.ArgumentParser:
     """The command line (same commands and options as the bash lab had)."""
     top = argparse.ArgumentParser(
         prog="vagrant/lab",
-        description="The offline ZFS test lab of snapdriver: a Debian bookworm guest booted with"
-        " qemu; the checkout is shared read-write at the same absolute path.",
+        description="The offline ZFS test lab of snapdriver: a Debian bookworm guest booted with\n"
+        "qemu; the checkout is shared read-write at the same absolute path.",
         epilog=ENVIRONMENT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -183,7 +183,7 @@ def keep_kernel_log(raw: Path, checkout: Path, rc: int) -> None:
     except OSError:
         log("no kernel log came back")
         return
-    kept.write_text(text)
+    replace_file(kept, text.encode())
     print("\n".join(klog.report(text, rc, str(kept))), file=sys.stderr, flush=True)
 
 
@@ -250,8 +250,8 @@ def cmd_status(paths: LabPaths) -> int:
         print(f"state:    incomplete ({stamps})")
     else:
         print("state:    not built")
-    for other in sorted(paths.cache_base.glob("*/")):
-        if other.is_dir() and other != cache:
+    for other in cache_dirs(paths.cache_base):
+        if other != cache:
             print(f"stale:    {other} (vagrant/lab clean removes it)")
     return 0
 
@@ -260,7 +260,7 @@ def cmd_clean(paths: LabPaths) -> int:
     """``clean``: delete every cached build that no lab process is using."""
     check_paths(paths)
     need_root()
-    for cache in sorted(p for p in paths.cache_base.glob("*/") if p.is_dir()):
+    for cache in cache_dirs(paths.cache_base):
         fd = os.open(cache / ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from .errors import LabError, log
@@ -113,6 +114,27 @@ def ensure_host_file(path: Path, package: str) -> None:
     """Install ``package`` when ``path`` is missing."""
     if not path.exists():
         apt_install([package])
+
+
+def replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``path`` by renaming a new file over it: a symlink there is replaced, never followed
+    (the rootfs and the checkout may hold links that point into the host)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def cache_dirs(cache_base: Path) -> list[Path]:
+    """The cache directories below the base (not hidden ones, as the shell's ``*/`` had it)."""
+    if not cache_base.is_dir():
+        return []
+    return sorted(p for p in cache_base.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def tail(path: Path, lines: int) -> str:

@@ -22,7 +22,10 @@ from .paths import LabPaths
 
 # Modules the initramfs needs (with their dependencies).
 INITRD_MODULES = "virtio_pci 9pnet_virtio 9p overlay"
-OLD_INITRD_MINUTES = 10  # an older initramfs is left this long for runs that still boot it
+# An initramfs no run has booted for this long is deleted (each run touches its own). Generous:
+# checkouts of older lab versions may share the cache, and a file deleted between their check and
+# qemu's start would fail their boot.
+UNUSED_INITRD_HOURS = 24
 
 
 def stages(paths: LabPaths) -> tuple[bytes, bytes]:
@@ -111,6 +114,7 @@ def build_initrd(paths: LabPaths) -> Path:
     stage1, stage2 = stages(paths)
     initrd = cache / f"initrd-{initrd_key(stage1, stage2, INITRD_MODULES)}.img"
     if initrd.exists() and initrd.stat().st_size > 0:
+        os.utime(initrd)  # in use: see UNUSED_INITRD_HOURS
         return initrd
     kver = (cache / "kver").read_text().strip()
     ensure_host("modprobe:kmod", "cpio:cpio")
@@ -125,8 +129,8 @@ def build_initrd(paths: LabPaths) -> Path:
 
 
 def drop_old_initrds(cache: Path, keep: Path) -> None:
-    """Delete initramfs files of other lab versions once no fresh run can still be using them."""
-    cutoff = time.time() - OLD_INITRD_MINUTES * 60
+    """Delete initramfs files of other lab versions that no run has booted for a long while."""
+    cutoff = time.time() - UNUSED_INITRD_HOURS * 3600
     for old in cache.glob("initrd-*.img"):
         if old != keep and old.stat().st_mtime < cutoff:
             old.unlink(missing_ok=True)
