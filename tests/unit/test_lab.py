@@ -70,7 +70,7 @@ def test_initrd_key_follows_each_stage() -> None:
     base = keys.initrd_key(b"one", b"two", "m")
     assert len(base) == 12
     assert len({base, keys.initrd_key(b"one!", b"two", "m"), keys.initrd_key(b"one", b"two!", "m"),
-                keys.initrd_key(b"one", b"two", "m n"), keys.initrd_key(b"onet", b"wo", "m")}) == 5  # fmt: skip
+                keys.initrd_key(b"one", b"two", "m n"), keys.initrd_key(b"onet", b"wo", "m")}) == 5
 
 
 def test_host_mirror_formats(tmp_path: Path) -> None:
@@ -111,7 +111,7 @@ def test_run_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_test_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     """``test`` runs guest-test.sh on one vCPU for an hour unless told otherwise."""
-    for name in ("LAB_TIMEOUT", "LAB_SMP"):
+    for name in ("LAB_TIMEOUT", "LAB_SMP", "LAB_ACCEL", "LAB_MEM"):
         monkeypatch.delenv(name, raising=False)
     request = parse("test", "-e", "GUEST_TEST_PATHS=tests/zfs/x.py")
     assert (request.command, request.timeout, request.smp) == ("vagrant/guest-test.sh", 3600, 1)
@@ -121,7 +121,11 @@ def test_test_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     monkeypatch.setenv("LAB_TIMEOUT", "3300")
     monkeypatch.setenv("LAB_SMP", "2")
-    assert (parse("test").timeout, parse("test").smp) == (3300, 2)
+    assert parse("test").timeout == 3300
+    assert cli.machine(parse("test")) == ("tcg", 3072, 2)
+    monkeypatch.setenv("LAB_SMP", "two")
+    with pytest.raises(LabError, match="whole numbers"):
+        cli.machine(parse("test"))
 
 
 @pytest.mark.parametrize(
@@ -153,7 +157,7 @@ def test_env_lines_survive_bash(tmp_path: Path) -> None:
     env = tmp_path / "env"
     env.write_text(cli.env_lines([f"V={value}", "EMPTY="]))
     shown = subprocess.run(["bash", "-c", f". {env}; printf '%s|%s' \"$V\" \"$EMPTY\""],
-                           capture_output=True, text=True, check=True).stdout  # fmt: skip
+                           capture_output=True, text=True, check=True).stdout
     assert shown == f"{value}|"
     for bad in ("1X=y", "noequals", "A-B=c", "=v"):
         with pytest.raises(LabError, match="NAME=VALUE"):
@@ -208,7 +212,7 @@ def test_write_ctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_qemu_argv_escapes_commas() -> None:
     """qemu option values double a literal comma; TCG unless kvm is asked for."""
     guest = Guest(Path("/k"), Path("/i"), Path("/c/root,fs"), Path("/ctl"), Path("/src"),
-                  Path("/log"), "tcg", 3072, 1)  # fmt: skip
+                  Path("/log"), "tcg", 3072, 1)
     argv = qemu_argv(guest)
     assert "local,path=/c/root,,fs,mount_tag=rootfs,security_model=passthrough,readonly=on" in argv
     assert argv[argv.index("-accel") + 1] == "tcg,thread=multi"
@@ -238,7 +242,7 @@ def test_triage_counts_by_kind() -> None:
     assert len(found.lines) == 12
     assert found.first == 3
     assert found.kinds == {"BUG": 1, "WARNING": 1, "oops/panic": 1, "call trace": 1,
-                           "RCU stall": 1, "hung task": 2}  # fmt: skip
+                           "RCU stall": 1, "hung task": 2}
     assert found.trouble == 7
     assert found.lines[1].endswith("module loaded")
 
@@ -336,3 +340,38 @@ def test_cache_dirs(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     assert [p.name for p in cache_dirs(tmp_path)] == ["637a9f10dd4b6891", "b"]
     assert cache_dirs(tmp_path / "missing") == []
+
+
+def launcher(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``vagrant/lab`` itself, as a user on a fresh machine runs it (Debian's python, no venv)."""
+    return subprocess.run([str(CHECKOUT / "vagrant/lab"), *argv], capture_output=True, text=True,
+                          env=env, check=False)
+
+
+def test_launcher_needs_only_the_standard_library() -> None:
+    """Every module of the package imports under ``python3 -I`` with nothing but the stdlib."""
+    code = (
+        "import sys; sys.path.append(sys.argv[1]);"
+        "import lab.cli, lab.build, lab.initrd, lab.qemu, lab.klog;"
+        "print(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names)))"
+    )
+    done = subprocess.run(["/usr/bin/python3", "-I", "-B", "-c", code,
+                           str(CHECKOUT / "snapdriver/testing")],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "['lab']"
+
+
+def test_launcher_exit_codes(tmp_path: Path) -> None:
+    """Help exits 0, usage errors and refusals 2; status reads a cache without building."""
+    assert launcher("--help").returncode == 0
+    assert "LAB_SHARE_CACHE" in launcher("help").stdout
+    assert launcher("bogus").returncode == 2
+    refused = launcher("run", "-t", "x", "true")
+    assert (refused.returncode, refused.stderr.strip()) == (
+        2,
+        "lab: ERROR: -t wants whole seconds, got 'x'",
+    )
+    status = launcher("status", env={"LAB_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert status.returncode == 0
+    assert "state:    not built" in status.stdout
+    assert list(tmp_path.iterdir()) == []

@@ -27,9 +27,9 @@ KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # (name, major, minor) of the character devices the chroot's private /dev holds.
 DEVICES = [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9),
-           ("tty", 5, 0)]  # fmt: skip
+           ("tty", 5, 0)]
 DEV_LINKS = [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")]  # fmt: skip
+             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")]
 
 
 def guest_sources(mirror: str, security: str | None, suite: str) -> str:
@@ -90,7 +90,7 @@ def debootstrap(paths: LabPaths, suite: str, mirror: str) -> None:
     log(f"debootstrap {suite} -> {rootfs}")
     started = time.monotonic()
     argv = ["debootstrap", "--variant=minbase", "--components=main,contrib", suite, str(rootfs),
-            mirror]  # fmt: skip
+            mirror]
     with (cache / "debootstrap.log").open("wb") as out:
         done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
@@ -120,12 +120,12 @@ def prepare_chroot(paths: LabPaths, suite: str, mirror: str) -> None:
 def provision(paths: LabPaths, suite: str, mirror: str) -> None:
     """provision.sh in the chroot, with a clean environment."""
     log(f"provisioning in the chroot (zfs-dkms build takes several minutes; log: "
-        f"{paths.cache / 'provision.log'})")  # fmt: skip
+        f"{paths.cache / 'provision.log'})")
     started = time.monotonic()
     prepare_chroot(paths, suite, mirror)
     argv = ["chroot", str(paths.rootfs), "/usr/bin/env", "-i", "HOME=/root", "TERM=dumb",
             f"PATH={CHROOT_PATH}", "PROVISION_CHROOT=1", "PROVISION_LAB_ROOTFS=1",
-            "/bin/bash", "/root/provision.sh"]  # fmt: skip
+            "/bin/bash", "/root/provision.sh"]
     with chroot_mounted(paths.rootfs), (paths.cache / "provision.log").open("wb") as out:
         done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
@@ -160,14 +160,14 @@ def finish(paths: LabPaths, started: float) -> None:
     kver = zfs_kernel(rootfs)
     if kver is None:
         raise LabError("the rootfs has no kernel with a zfs module; run 'vagrant/lab clean' and"
-                       " build again")  # fmt: skip
+                       " build again")
     (paths.cache / "kver").write_text(kver + "\n")
     (paths.cache / "stamp.ready").touch()
     zfs = " ".join(p.name.removeprefix("zfs-") for p in sorted(rootfs.glob("usr/src/zfs-*")))
     du = subprocess.run(["du", "-sh", "--one-file-system", str(rootfs)], capture_output=True,
-                        text=True, check=False).stdout.split("\t")[0]  # fmt: skip
+                        text=True, check=False).stdout.split("\t")[0]
     log(f"guest ready: kernel {kver}, zfs {zfs}, rootfs {du}, build "
-        f"{time.monotonic() - started:.0f} s")  # fmt: skip
+        f"{time.monotonic() - started:.0f} s")
 
 
 def build_rootfs(paths: LabPaths) -> None:

@@ -68,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
     for each in (run, test):
         each.add_argument("-t", dest="timeout", metavar="SECONDS", help="kill the guest after this")
         each.add_argument("-e", dest="env", action="append", default=[], metavar="NAME=VALUE",
-                          help="export this in the guest (repeatable)")  # fmt: skip
+                          help="export this in the guest (repeatable)")
     run.add_argument("words", nargs=argparse.REMAINDER, metavar="-- 'shell command'")
     test.add_argument("words", nargs=argparse.REMAINDER, metavar="-- PYTEST-OPTION")
     sub.add_parser("status", help="cache dir, state, stale builds")
@@ -101,19 +101,25 @@ def env_lines(assignments: list[str]) -> str:
     return "".join(out)
 
 
+def timeout_option(args: argparse.Namespace) -> str | None:
+    """``-t`` as given, else ``LAB_TIMEOUT`` unless unset or empty."""
+    given: str | None = args.timeout
+    return given if given is not None else os.environ.get("LAB_TIMEOUT") or None
+
+
 def run_request(args: argparse.Namespace) -> RunRequest:
     """``run``/``test`` options as a request (``test`` adds guest-test.sh and its defaults)."""
     words = after_dashes(args.words)
     if args.command == "test":
         command = shlex.join(["vagrant/guest-test.sh", *words])
-        timeout = seconds(args.timeout or os.environ.get("LAB_TIMEOUT"), 3600)
+        timeout = seconds(timeout_option(args), 3600)
         # The gating tier runs on one vCPU: CI once saw both vCPUs stuck at once (in runc and its
         # child) for 30 min under TCG, a cross-CPU wait that one CPU cannot have. ~7% slower.
-        smp = int(os.environ.get("LAB_SMP") or 1)
+        smp = 0 if os.environ.get("LAB_SMP") else 1
         return RunRequest(command, timeout, args.env, smp, report_hint=True)
     if not words:
         raise LabError("no command given: vagrant/lab run [-t SECONDS] -- 'shell command'")
-    timeout = seconds(args.timeout or os.environ.get("LAB_TIMEOUT"), 1800)
+    timeout = seconds(timeout_option(args), 1800)
     return RunRequest(" ".join(words), timeout, args.env)
 
 
@@ -130,7 +136,7 @@ def ensure_built(paths: LabPaths) -> tuple[CacheLock, Path]:
     return lock, build_initrd(paths)
 
 
-def machine(paths: LabPaths, request: RunRequest) -> tuple[str, int, int]:
+def machine(request: RunRequest) -> tuple[str, int, int]:
     """The accelerator, memory (MiB) and vCPUs from the environment, checked."""
     accel = os.environ.get("LAB_ACCEL") or "tcg"
     if accel not in ("tcg", "kvm"):
@@ -193,12 +199,12 @@ def boot(paths: LabPaths, request: RunRequest, rundir: Path) -> int:
     try:
         ensure_host("qemu-system-x86_64:qemu-system-x86")
         kver = (paths.cache / "kver").read_text().strip()
-        accel, mem, smp = machine(paths, request)
+        accel, mem, smp = machine(request)
         write_ctl(rundir / "ctl", paths, request)
         guest = Guest(paths.rootfs / f"boot/vmlinuz-{kver}", initrd, paths.rootfs,
-                      rundir / "ctl", paths.checkout, rundir / "kernel.log", accel, mem, smp)  # fmt: skip
+                      rundir / "ctl", paths.checkout, rundir / "kernel.log", accel, mem, smp)
         log(f"booting (accel={accel}, {mem} MiB, {smp} cpus, kernel {kver}, timeout "
-            f"{request.timeout}s)")  # fmt: skip
+            f"{request.timeout}s)")
         started = time.monotonic()
         ended = supervise(qemu_argv(guest), request.timeout)
         rc = exit_code(guest.ctl, ended, request.timeout, time.monotonic() - started)
@@ -214,7 +220,7 @@ def boot(paths: LabPaths, request: RunRequest, rundir: Path) -> int:
 def cmd_run(paths: LabPaths, request: RunRequest) -> int:
     """``run`` and ``test``: boot with a temporary run directory, removed whatever happens."""
     check_paths(paths)
-    machine(paths, request)
+    machine(request)
     share_cache()
     env_lines(request.env)
     need_root()

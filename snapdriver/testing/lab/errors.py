@@ -9,7 +9,7 @@ class LabError(Exception):
     """The lab refuses or a build step failed: exit code 2."""
 
 
-class Terminated(Exception):  # noqa: N818 (a signal, not an error)
+class Terminated(Exception):
     """SIGTERM arrived: exit code 143 after cleanup."""
 
 

@@ -50,7 +50,7 @@ def qemu_argv(guest: Guest) -> list[str]:
             "-smp", str(guest.smp), "-display", "none", "-vga", "none", "-monitor", "none",
             "-no-reboot", "-nic", "none", "-serial", "stdio",
             "-serial", f"file:{guest.kernel_log}", "-device", "virtio-rng-pci",
-            "-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", append]  # fmt: skip
+            "-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", append]
     for share in shares:
         argv += ["-virtfs", share]
     return argv
@@ -82,10 +82,10 @@ def supervise(argv: list[str], timeout: float) -> bool:
     qemu gets a session of its own: the lab, not the terminal, decides when it dies.
     """
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True)
     assert proc.stdout is not None
     copier = threading.Thread(target=copy_console, args=(proc.stdout, sys.stdout.buffer),
-                              daemon=True)  # fmt: skip
+                              daemon=True)
     copier.start()
     try:
         proc.wait(timeout)
