@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from snapdriver.testing.lab import cli, klog, keys
+from snapdriver.testing.lab import cli, keys, klog
 from snapdriver.testing.lab.build import guest_sources, version_key
 from snapdriver.testing.lab.errors import LabError
 from snapdriver.testing.lab.hostfs import cache_dirs, inside, mounts_under, replace_file
@@ -69,8 +69,18 @@ def test_initrd_key_follows_each_stage() -> None:
     """Either stage script or the module list makes a new initramfs."""
     base = keys.initrd_key(b"one", b"two", "m")
     assert len(base) == 12
-    assert len({base, keys.initrd_key(b"one!", b"two", "m"), keys.initrd_key(b"one", b"two!", "m"),
-                keys.initrd_key(b"one", b"two", "m n"), keys.initrd_key(b"onet", b"wo", "m")}) == 5
+    assert (
+        len(
+            {
+                base,
+                keys.initrd_key(b"one!", b"two", "m"),
+                keys.initrd_key(b"one", b"two!", "m"),
+                keys.initrd_key(b"one", b"two", "m n"),
+                keys.initrd_key(b"onet", b"wo", "m"),
+            }
+        )
+        == 5
+    )
 
 
 def test_host_mirror_formats(tmp_path: Path) -> None:
@@ -143,7 +153,9 @@ def test_run_refusals(argv: list[str], message: str) -> None:
         parse(*argv)
 
 
-@pytest.mark.parametrize("argv", [[], ["bogus"], ["build", "x"], ["run", "-x", "true"], ["status", "x"]])
+@pytest.mark.parametrize(
+    "argv", [[], ["bogus"], ["build", "x"], ["run", "-x", "true"], ["status", "x"]]
+)
 def test_usage_errors_exit_2(argv: list[str]) -> None:
     """Unknown commands and options are usage errors: exit code 2."""
     with pytest.raises(SystemExit) as stopped:
@@ -153,11 +165,15 @@ def test_usage_errors_exit_2(argv: list[str]) -> None:
 
 def test_env_lines_survive_bash(tmp_path: Path) -> None:
     """``-e`` values reach the guest's bash unchanged, quotes and all; bad names are refused."""
-    value = "it's $HOME `x` \"q\" \\ ;"
+    value = 'it\'s $HOME `x` "q" \\ ;'
     env = tmp_path / "env"
     env.write_text(cli.env_lines([f"V={value}", "EMPTY="]))
-    shown = subprocess.run(["bash", "-c", f". {env}; printf '%s|%s' \"$V\" \"$EMPTY\""],
-                           capture_output=True, text=True, check=True).stdout
+    shown = subprocess.run(
+        ["bash", "-c", f'. {env}; printf \'%s|%s\' "$V" "$EMPTY"'],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert shown == f"{value}|"
     for bad in ("1X=y", "noequals", "A-B=c", "=v"):
         with pytest.raises(LabError, match="NAME=VALUE"):
@@ -175,7 +191,7 @@ def test_check_paths() -> None:
         (good, "/var/cache/l ab", "whitespace"),
         (good, "cache", "absolute"),
         (good, "/srv/snapdriver/.cache", "outside the checkout"),
-        (Path("/"), "/var/cache/x", "outside the checkout"),
+        (Path("/"), "/var/cache/x", "cannot be /"),
     ]
     for checkout, cache, message in refused:
         with pytest.raises(LabError, match=message):
@@ -211,8 +227,17 @@ def test_write_ctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_qemu_argv_escapes_commas() -> None:
     """qemu option values double a literal comma; TCG unless kvm is asked for."""
-    guest = Guest(Path("/k"), Path("/i"), Path("/c/root,fs"), Path("/ctl"), Path("/src"),
-                  Path("/log"), "tcg", 3072, 1)
+    guest = Guest(
+        Path("/k"),
+        Path("/i"),
+        Path("/c/root,fs"),
+        Path("/ctl"),
+        Path("/src"),
+        Path("/log"),
+        "tcg",
+        3072,
+        1,
+    )
     argv = qemu_argv(guest)
     assert "local,path=/c/root,,fs,mount_tag=rootfs,security_model=passthrough,readonly=on" in argv
     assert argv[argv.index("-accel") + 1] == "tcg,thread=multi"
@@ -241,8 +266,14 @@ def test_triage_counts_by_kind() -> None:
     found = klog.triage(SOFT_LOCKUP)
     assert len(found.lines) == 12
     assert found.first == 3
-    assert found.kinds == {"BUG": 1, "WARNING": 1, "oops/panic": 1, "call trace": 1,
-                           "RCU stall": 1, "hung task": 2}
+    assert found.kinds == {
+        "BUG": 1,
+        "WARNING": 1,
+        "oops/panic": 1,
+        "call trace": 1,
+        "RCU stall": 1,
+        "hung task": 2,
+    }
     assert found.trouble == 7
     assert found.lines[1].endswith("module loaded")
 
@@ -261,7 +292,7 @@ def test_report_passing_and_failing() -> None:
     tail = klog.report(quiet, 1, "k")
     assert "last 40 lines (no kernel trouble" in tail[0]
     assert tail[1:] == [f"[ {n}.0] line {n}" for n in range(60, 100)]
-    long_trouble = "BUG: x\n" + quiet
+    long_trouble = "BUG: x\n" + quiet + quiet
     assert len(klog.report(long_trouble, 1, "k")) == 1 + klog.SHOWN_FROM_FIRST
 
 
@@ -344,20 +375,28 @@ def test_cache_dirs(tmp_path: Path) -> None:
 
 def launcher(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``vagrant/lab`` itself, as a user on a fresh machine runs it (Debian's python, no venv)."""
-    return subprocess.run([str(CHECKOUT / "vagrant/lab"), *argv], capture_output=True, text=True,
-                          env=env, check=False)
+    return subprocess.run(
+        [str(CHECKOUT / "vagrant/lab"), *argv], capture_output=True, text=True, env=env, check=False
+    )
 
 
 def test_launcher_needs_only_the_standard_library() -> None:
-    """Every module of the package imports under ``python3 -I`` with nothing but the stdlib."""
+    """Every module of the package imports under ``python3 -I`` with nothing but the stdlib.
+
+    What the interpreter's site set-up loaded before (Debian's sitecustomize) does not count.
+    """
     code = (
-        "import sys; sys.path.append(sys.argv[1]);"
+        "import sys; sys.path.append(sys.argv[1]); before = set(sys.modules);"
         "import lab.cli, lab.build, lab.initrd, lab.qemu, lab.klog;"
-        "print(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names)))"
+        "new = {m.split('.')[0] for m in set(sys.modules) - before};"
+        "print(sorted(new - set(sys.stdlib_module_names)))"
     )
-    done = subprocess.run(["/usr/bin/python3", "-I", "-B", "-c", code,
-                           str(CHECKOUT / "snapdriver/testing")],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        ["/usr/bin/python3", "-I", "-B", "-c", code, str(CHECKOUT / "snapdriver/testing")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert done.stdout.strip() == "['lab']"
 
 

@@ -8,14 +8,15 @@ is idempotent). What this module does is described by vagrant/build-recipe.txt, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
-import sys
 import subprocess
+import sys
 import time
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import LabError, log
@@ -26,10 +27,20 @@ from .paths import LabPaths
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # (name, major, minor) of the character devices the chroot's private /dev holds.
-DEVICES = [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9),
-           ("tty", 5, 0)]
-DEV_LINKS = [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")]
+DEVICES = [
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+]
+DEV_LINKS = [
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+]
 
 
 def guest_sources(mirror: str, security: str | None, suite: str) -> str:
@@ -89,8 +100,14 @@ def debootstrap(paths: LabPaths, suite: str, mirror: str) -> None:
     safe_rm(rootfs, paths.cache_base)
     log(f"debootstrap {suite} -> {rootfs}")
     started = time.monotonic()
-    argv = ["debootstrap", "--variant=minbase", "--components=main,contrib", suite, str(rootfs),
-            mirror]
+    argv = [
+        "debootstrap",
+        "--variant=minbase",
+        "--components=main,contrib",
+        suite,
+        str(rootfs),
+        mirror,
+    ]
     with (cache / "debootstrap.log").open("wb") as out:
         done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
@@ -108,10 +125,8 @@ def prepare_chroot(paths: LabPaths, suite: str, mirror: str) -> None:
     (rootfs / "etc/apt/sources.list").unlink(missing_ok=True)
     sources = guest_sources(mirror, security, suite)
     replace_file(rootfs / "etc/apt/sources.list.d/debian.sources", sources.encode())
-    try:  # the host's resolver, followed (it may be a link into /run)
+    with contextlib.suppress(OSError):  # the host's resolver, followed (may be a link into /run)
         replace_file(rootfs / "etc/resolv.conf", Path("/etc/resolv.conf").read_bytes())
-    except OSError:
-        pass
     replace_file(rootfs / "etc/hostname", b"snapdriver-lab\n")
     provision = (paths.vagrant / "provision.sh").read_bytes()
     replace_file(rootfs / "root/provision.sh", provision, 0o755)
@@ -119,13 +134,25 @@ def prepare_chroot(paths: LabPaths, suite: str, mirror: str) -> None:
 
 def provision(paths: LabPaths, suite: str, mirror: str) -> None:
     """provision.sh in the chroot, with a clean environment."""
-    log(f"provisioning in the chroot (zfs-dkms build takes several minutes; log: "
-        f"{paths.cache / 'provision.log'})")
+    log(
+        f"provisioning in the chroot (zfs-dkms build takes several minutes; log: "
+        f"{paths.cache / 'provision.log'})"
+    )
     started = time.monotonic()
     prepare_chroot(paths, suite, mirror)
-    argv = ["chroot", str(paths.rootfs), "/usr/bin/env", "-i", "HOME=/root", "TERM=dumb",
-            f"PATH={CHROOT_PATH}", "PROVISION_CHROOT=1", "PROVISION_LAB_ROOTFS=1",
-            "/bin/bash", "/root/provision.sh"]
+    argv = [
+        "chroot",
+        str(paths.rootfs),
+        "/usr/bin/env",
+        "-i",
+        "HOME=/root",
+        "TERM=dumb",
+        f"PATH={CHROOT_PATH}",
+        "PROVISION_CHROOT=1",
+        "PROVISION_LAB_ROOTFS=1",
+        "/bin/bash",
+        "/root/provision.sh",
+    ]
     with chroot_mounted(paths.rootfs), (paths.cache / "provision.log").open("wb") as out:
         done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
@@ -159,15 +186,19 @@ def finish(paths: LabPaths, started: float) -> None:
     rootfs = paths.rootfs
     kver = zfs_kernel(rootfs)
     if kver is None:
-        raise LabError("the rootfs has no kernel with a zfs module; run 'vagrant/lab clean' and"
-                       " build again")
+        raise LabError(
+            "the rootfs has no kernel with a zfs module; run 'vagrant/lab clean' and build again"
+        )
     (paths.cache / "kver").write_text(kver + "\n")
     (paths.cache / "stamp.ready").touch()
     zfs = " ".join(p.name.removeprefix("zfs-") for p in sorted(rootfs.glob("usr/src/zfs-*")))
-    du = subprocess.run(["du", "-sh", "--one-file-system", str(rootfs)], capture_output=True,
-                        text=True, check=False).stdout.split("\t")[0]
-    log(f"guest ready: kernel {kver}, zfs {zfs}, rootfs {du}, build "
-        f"{time.monotonic() - started:.0f} s")
+    du = subprocess.run(
+        ["du", "-sh", "--one-file-system", str(rootfs)], capture_output=True, text=True, check=False
+    ).stdout.split("\t")[0]
+    log(
+        f"guest ready: kernel {kver}, zfs {zfs}, rootfs {du}, build "
+        f"{time.monotonic() - started:.0f} s"
+    )
 
 
 def build_rootfs(paths: LabPaths) -> None:

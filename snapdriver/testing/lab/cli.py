@@ -63,12 +63,20 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("build", help="build or reuse the cached guest")
-    run = sub.add_parser("run", help="boot, run a shell command in the checkout, exit with its code")
+    run = sub.add_parser(
+        "run", help="boot, run a shell command in the checkout, exit with its code"
+    )
     test = sub.add_parser("test", help="build if needed, run vagrant/guest-test.sh")
     for each in (run, test):
         each.add_argument("-t", dest="timeout", metavar="SECONDS", help="kill the guest after this")
-        each.add_argument("-e", dest="env", action="append", default=[], metavar="NAME=VALUE",
-                          help="export this in the guest (repeatable)")
+        each.add_argument(
+            "-e",
+            dest="env",
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help="export this in the guest (repeatable)",
+        )
     run.add_argument("words", nargs=argparse.REMAINDER, metavar="-- 'shell command'")
     test.add_argument("words", nargs=argparse.REMAINDER, metavar="-- PYTEST-OPTION")
     sub.add_parser("status", help="cache dir, state, stale builds")
@@ -201,10 +209,21 @@ def boot(paths: LabPaths, request: RunRequest, rundir: Path) -> int:
         kver = (paths.cache / "kver").read_text().strip()
         accel, mem, smp = machine(request)
         write_ctl(rundir / "ctl", paths, request)
-        guest = Guest(paths.rootfs / f"boot/vmlinuz-{kver}", initrd, paths.rootfs,
-                      rundir / "ctl", paths.checkout, rundir / "kernel.log", accel, mem, smp)
-        log(f"booting (accel={accel}, {mem} MiB, {smp} cpus, kernel {kver}, timeout "
-            f"{request.timeout}s)")
+        guest = Guest(
+            paths.rootfs / f"boot/vmlinuz-{kver}",
+            initrd,
+            paths.rootfs,
+            rundir / "ctl",
+            paths.checkout,
+            rundir / "kernel.log",
+            accel,
+            mem,
+            smp,
+        )
+        log(
+            f"booting (accel={accel}, {mem} MiB, {smp} cpus, kernel {kver}, timeout "
+            f"{request.timeout}s)"
+        )
         started = time.monotonic()
         ended = supervise(qemu_argv(guest), request.timeout)
         rc = exit_code(guest.ctl, ended, request.timeout, time.monotonic() - started)

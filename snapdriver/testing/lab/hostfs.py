@@ -1,4 +1,4 @@
-"""Host-side safety: mounts below a path, deletion inside the cache only, the cache lock, packages."""
+"""Host-side safety: mounts below a path, deletion inside the cache only, the cache lock."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def safe_rm(path: Path, cache_base: Path) -> None:
 
 
 class CacheLock:
-    """``flock`` on ``CACHE/.lock``: shared for runs, exclusive for a build (as the bash lab did)."""
+    """``flock`` on ``CACHE/.lock``: shared for runs, exclusive for a build (as in the bash lab)."""
 
     def __init__(self, cache: Path) -> None:
         cache.mkdir(parents=True, exist_ok=True)

@@ -103,8 +103,13 @@ def fill_tree(tree: Path, paths: LabPaths, kver: str) -> None:
 def pack(tree: Path) -> bytes:
     """A gzip'd newc cpio archive of ``tree``."""
     listing = subprocess.run(["find", ".", "-print0"], cwd=tree, capture_output=True, check=True)
-    archive = subprocess.run(["cpio", "--null", "-o", "-H", "newc", "--quiet"], cwd=tree,
-                             input=listing.stdout, capture_output=True, check=True)
+    archive = subprocess.run(
+        ["cpio", "--null", "-o", "-H", "newc", "--quiet"],
+        cwd=tree,
+        input=listing.stdout,
+        capture_output=True,
+        check=True,
+    )
     return gzip.compress(archive.stdout, compresslevel=1)
 
 

@@ -79,7 +79,10 @@ def host_mirror(suite: str, etc_apt: Path = Path("/etc/apt")) -> str | None:
         found = deb822_mirror(Path(name).read_text(errors="replace"), suite)
         if found:
             return found
-    lists = [str(etc_apt / "sources.list"), *sorted(glob.glob(str(etc_apt / "sources.list.d/*.list")))]
+    lists = [
+        str(etc_apt / "sources.list"),
+        *sorted(glob.glob(str(etc_apt / "sources.list.d/*.list"))),
+    ]
     for name in lists:
         if Path(name).is_file():
             found = one_line_mirror(Path(name).read_text(errors="replace"), suite)

@@ -61,8 +61,12 @@ def report(text: str, rc: int, where: str) -> list[str]:
     if rc == 0:
         return [f"lab: kernel log: {summary(found)} ({where})"]
     if found.first is not None:
-        head = (f"lab: kernel log from its first sign of trouble (line {found.first} of"
-                f" {len(found.lines)}: {summary(found)}; all of it in {where}):")
+        head = (
+            f"lab: kernel log from its first sign of trouble (line {found.first} of"
+            f" {len(found.lines)}: {summary(found)}; all of it in {where}):"
+        )
         return [head, *found.lines[found.first - 1 : found.first - 1 + SHOWN_FROM_FIRST]]
-    head = f"lab: kernel log, last {SHOWN_TAIL} lines (no kernel trouble in it; all of it in {where}):"
+    head = (
+        f"lab: kernel log, last {SHOWN_TAIL} lines (no kernel trouble in it; all of it in {where}):"
+    )
     return [head, *found.lines[-SHOWN_TAIL:]]

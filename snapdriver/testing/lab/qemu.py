@@ -46,11 +46,38 @@ def qemu_argv(guest: Guest) -> list[str]:
         f"local,path={qemu_value(guest.checkout)},mount_tag=host,security_model=passthrough,"
         "multidevs=remap",
     ]
-    argv = ["qemu-system-x86_64", "-accel", accel, "-cpu", cpu, "-m", str(guest.mem),
-            "-smp", str(guest.smp), "-display", "none", "-vga", "none", "-monitor", "none",
-            "-no-reboot", "-nic", "none", "-serial", "stdio",
-            "-serial", f"file:{guest.kernel_log}", "-device", "virtio-rng-pci",
-            "-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", append]
+    argv = [
+        "qemu-system-x86_64",
+        "-accel",
+        accel,
+        "-cpu",
+        cpu,
+        "-m",
+        str(guest.mem),
+        "-smp",
+        str(guest.smp),
+        "-display",
+        "none",
+        "-vga",
+        "none",
+        "-monitor",
+        "none",
+        "-no-reboot",
+        "-nic",
+        "none",
+        "-serial",
+        "stdio",
+        "-serial",
+        f"file:{guest.kernel_log}",
+        "-device",
+        "virtio-rng-pci",
+        "-kernel",
+        str(guest.kernel),
+        "-initrd",
+        str(guest.initrd),
+        "-append",
+        append,
+    ]
     for share in shares:
         argv += ["-virtfs", share]
     return argv
@@ -81,11 +108,13 @@ def supervise(argv: list[str], timeout: float) -> bool:
     However this returns (timeout, Ctrl-C, SIGTERM turned into an exception), qemu is stopped.
     qemu gets a session of its own: the lab, not the terminal, decides when it dies.
     """
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, start_new_session=True
+    )
     assert proc.stdout is not None
-    copier = threading.Thread(target=copy_console, args=(proc.stdout, sys.stdout.buffer),
-                              daemon=True)
+    copier = threading.Thread(
+        target=copy_console, args=(proc.stdout, sys.stdout.buffer), daemon=True
+    )
     copier.start()
     try:
         proc.wait(timeout)
