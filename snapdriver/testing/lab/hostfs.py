@@ -19,7 +19,11 @@ def decode_mountinfo(field: str) -> str:
 
 
 def mounts_under(top: Path, mountinfo: str | None = None) -> list[str]:
-    """Mount points at or below ``top``, deepest first."""
+    """Mount points at or below ``top``, deepest first.
+
+    snapdriver.hostfs parses mountinfo too, but importing it loads the snapdriver package and its
+    dependencies (pluggy), which the lab must run without.
+    """
     if mountinfo is None:
         mountinfo = Path("/proc/self/mountinfo").read_text()
     base = str(top)
