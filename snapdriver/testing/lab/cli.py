@@ -201,29 +201,25 @@ def keep_kernel_log(raw: Path, checkout: Path, rc: int) -> None:
     print("\n".join(klog.report(text, rc, str(kept))), file=sys.stderr, flush=True)
 
 
+def guest_for(paths: LabPaths, request: RunRequest, rundir: Path, initrd: Path) -> Guest:
+    """The machine for this run, its control share written into ``rundir``."""
+    kver = (paths.cache / "kver").read_text().strip()
+    accel, mem, smp = machine(request)
+    write_ctl(rundir / "ctl", paths, request)
+    log(
+        f"booting (accel={accel}, {mem} MiB, {smp} cpus, kernel {kver}, timeout {request.timeout}s)"
+    )
+    kernel = paths.rootfs / f"boot/vmlinuz-{kver}"
+    ctl, klog_file = rundir / "ctl", rundir / "kernel.log"
+    return Guest(kernel, initrd, paths.rootfs, ctl, paths.checkout, klog_file, accel, mem, smp)
+
+
 def boot(paths: LabPaths, request: RunRequest, rundir: Path) -> int:
     """Boot the guest for one command in ``rundir``; its exit code (see the module's doc)."""
     lock, initrd = ensure_built(paths)
     try:
         ensure_host("qemu-system-x86_64:qemu-system-x86")
-        kver = (paths.cache / "kver").read_text().strip()
-        accel, mem, smp = machine(request)
-        write_ctl(rundir / "ctl", paths, request)
-        guest = Guest(
-            paths.rootfs / f"boot/vmlinuz-{kver}",
-            initrd,
-            paths.rootfs,
-            rundir / "ctl",
-            paths.checkout,
-            rundir / "kernel.log",
-            accel,
-            mem,
-            smp,
-        )
-        log(
-            f"booting (accel={accel}, {mem} MiB, {smp} cpus, kernel {kver}, timeout "
-            f"{request.timeout}s)"
-        )
+        guest = guest_for(paths, request, rundir, initrd)
         started = time.monotonic()
         ended = supervise(qemu_argv(guest), request.timeout)
         rc = exit_code(guest.ctl, ended, request.timeout, time.monotonic() - started)
