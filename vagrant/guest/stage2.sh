@@ -4,7 +4,11 @@
 # host: the checkout, bound at its host paths), the command (ctl/cmd) with ctl/env sourced,
 # the exit code back to the host (ctl/exit-code), power off.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 TERM=dumb
-off() { sync; echo o > /proc/sysrq-trigger; sleep 30; }
+# Power off, then wait for it without touching the rootfs: the power-off shuts the 9p transport
+# down, a `sleep` looked up there can fail ("command not found"), and PID 1 returning panics the
+# kernel ("Attempted to kill init!", a call trace in the kernel log) before the power is off.
+# Hence a static busybox on tmpfs (/run) once /run is there.
+off() { sync; echo o > /proc/sysrq-trigger; /run/lab-busybox sleep 30 2>/dev/null || sleep 30; }
 fail() { echo "lab stage 2: $*"; off; }
 trap off EXIT
 mount -t proc -o nosuid,nodev,noexec proc /proc
@@ -19,6 +23,7 @@ ln -sfn /proc/self/fd /dev/fd; ln -sfn fd/0 /dev/stdin; ln -sfn fd/1 /dev/stdout
 mount -t tmpfs -o mode=1777,nosuid,nodev tmp /tmp
 mount -t tmpfs -o mode=755,nosuid,nodev run /run
 mkdir -p /run/lock
+cp /bin/busybox /run/lab-busybox || echo "lab stage 2: WARNING: no busybox for the power-off"
 mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
 hostname snapdriver-lab
 busybox ip link set lo up 2>/dev/null
