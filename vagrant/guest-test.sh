@@ -49,6 +49,7 @@ if zpool list -H -o name "$POOL" >/dev/null 2>&1; then
     zpool destroy -f "$POOL" || setup_failed "cannot destroy the leftover pool $POOL"
 fi
 
+# shellcheck disable=SC2317 # reached through the EXIT trap
 cleanup() {
     if zpool list -H -o name "$POOL" >/dev/null 2>&1; then
         zpool destroy -f "$POOL" || echo "guest-test: WARNING: could not destroy pool $POOL"
