@@ -1,12 +1,14 @@
 """What is mounted where, read from ``/proc/self/mountinfo``: the one place that parses it.
 
 ``mount_of`` answers which filesystem holds a path; ``mounts_below`` what is mounted at or below
-one (the question every cleanup and leak check asks).
+one (the question every cleanup and leak check asks). Standard library only: the lab's launcher
+(``vagrant/lab``) loads this file on its own, without the snapdriver package and its dependencies.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,21 +21,31 @@ class Mount:
     options: str
 
 
+_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
 def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal ``\\ooo``."""
-    return field.encode().decode("unicode_escape") if "\\" in field else field
+    """mountinfo escapes space, tab, newline and backslash as octal ``\\ooo``; nothing else
+    (a path's other bytes, UTF-8 or not, are as they are)."""
+    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field) if "\\" in field else field
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """The mounts a ``/proc/PID/mountinfo`` text lists, in its order (a stack bottom first)."""
+    found = []
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if len(fields) < 6 or len(tail) < 2:
+            continue
+        found.append(Mount(_unescape(fields[4]), tail[0], _unescape(tail[1]), fields[5]))
+    return found
 
 
 def mounts() -> list[Mount]:
-    found = []
+    """This process's mounts, from ``/proc/self/mountinfo``."""
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as handle:
-        for line in handle:
-            left, _, right = line.partition(" - ")
-            fields, tail = left.split(), right.split()
-            if len(fields) < 6 or len(tail) < 2:
-                continue
-            found.append(Mount(_unescape(fields[4]), tail[0], _unescape(tail[1]), fields[5]))
-    return found
+        return parse_mountinfo(handle.read())
 
 
 def is_below(target: str, root: str | os.PathLike[str]) -> bool:
@@ -42,12 +54,14 @@ def is_below(target: str, root: str | os.PathLike[str]) -> bool:
     return target == top or target.startswith(top.rstrip("/") + "/")
 
 
-def mounts_below(*roots: str | os.PathLike[str]) -> list[Mount]:
+def mounts_below(*roots: str | os.PathLike[str], table: list[Mount] | None = None) -> list[Mount]:
     """Mounts at or below any of ``roots``, deepest first (the order to unmount them in).
 
     Roots are compared as given: pass the real path (no symlinks) a mount point would show.
+    ``table`` is :func:`mounts` unless given.
     """
-    found = [m for m in mounts() if any(is_below(m.target, root) for root in roots)]
+    listed = mounts() if table is None else table
+    found = [m for m in listed if any(is_below(m.target, root) for root in roots)]
     # mountinfo lists a stack bottom first: reversed, a stable sort keeps the top one first.
     return sorted(reversed(found), key=lambda m: m.target.count("/"), reverse=True)
 

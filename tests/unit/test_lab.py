@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from snapdriver.hostfs import mounts_below, parse_mountinfo
 from snapdriver.testing.lab import cli, keys, klog
 from snapdriver.testing.lab.build import guest_sources, version_key
 from snapdriver.testing.lab.errors import LabError
-from snapdriver.testing.lab.hostfs import cache_dirs, inside, mounts_under, replace_file
+from snapdriver.testing.lab.hostfs import cache_dirs, inside, replace_file
 from snapdriver.testing.lab.initrd import insmod_lines, unpacked_name
 from snapdriver.testing.lab.paths import check_paths, lab_paths
 from snapdriver.testing.lab.qemu import Guest, qemu_argv
@@ -296,8 +297,9 @@ def test_report_passing_and_failing() -> None:
     assert len(klog.report(long_trouble, 1, "k")) == 1 + klog.SHOWN_FROM_FIRST
 
 
-def test_mounts_under_decodes_and_orders() -> None:
-    """Mount points at or below a path (not its name-prefixed siblings), deepest first."""
+def test_mounts_below_a_cache_dir_decodes_and_orders() -> None:
+    """The one mountinfo reader (snapdriver.hostfs) on what a chroot build leaves: mounts at or
+    below a path (not its name-prefixed siblings), every one before the mounts it is inside."""
     info = (
         "30 1 0:1 / /var/cache/lab/k/rootfs rw - 9p x rw\n"
         "31 30 0:2 / /var/cache/lab/k/rootfs/dev rw - tmpfs x rw\n"
@@ -306,12 +308,9 @@ def test_mounts_under_decodes_and_orders() -> None:
         "34 1 0:5 / /var/cache/lab/k/rootfs/a\\040b rw - tmpfs x rw\n"
     )
     root = Path("/var/cache/lab/k/rootfs")
-    assert mounts_under(root, info) == [
-        "/var/cache/lab/k/rootfs/dev/pts",
-        "/var/cache/lab/k/rootfs/dev",
-        "/var/cache/lab/k/rootfs/a b",
-        "/var/cache/lab/k/rootfs",
-    ]
+    found = [m.target for m in mounts_below(root, table=parse_mountinfo(info))]
+    assert sorted(found) == [f"{root}", f"{root}/a b", f"{root}/dev", f"{root}/dev/pts"]
+    assert found.index(f"{root}/dev/pts") < found.index(f"{root}/dev") < found.index(str(root))
     assert inside(Path("/var/cache/lab/k"), Path("/var/cache/lab"))
     assert not inside(Path("/var/cache/lab"), Path("/var/cache/lab"))
     assert not inside(Path("/var/cache/lab2/k"), Path("/var/cache/lab"))
@@ -386,18 +385,29 @@ def test_launcher_needs_only_the_standard_library() -> None:
     What the interpreter's site set-up loaded before (Debian's sitecustomize) does not count.
     """
     code = (
-        "import sys; sys.path.append(sys.argv[1]); before = set(sys.modules);"
+        "import sys; from pathlib import Path; sys.path.append(sys.argv[1]);"
+        "before = set(sys.modules);"
+        "import lab.standalone; lab.standalone.load(Path(sys.argv[2]));"
         "import lab.cli, lab.build, lab.initrd, lab.qemu, lab.klog;"
-        "new = {m.split('.')[0] for m in set(sys.modules) - before};"
-        "print(sorted(new - set(sys.stdlib_module_names)))"
+        "new = set(sys.modules) - before;"
+        "print(sorted({m.split('.')[0] for m in new} - set(sys.stdlib_module_names)),"
+        " sorted(m for m in new if m.startswith('snapdriver')))"
     )
     done = subprocess.run(
-        ["/usr/bin/python3", "-I", "-B", "-c", code, str(CHECKOUT / "snapdriver/testing")],
+        [
+            "/usr/bin/python3",
+            "-I",
+            "-B",
+            "-c",
+            code,
+            str(CHECKOUT / "snapdriver/testing"),
+            str(CHECKOUT),
+        ],
         capture_output=True,
         text=True,
         check=True,
     )
-    assert done.stdout.strip() == "['lab']"
+    assert done.stdout.strip() == "['lab', 'snapdriver'] ['snapdriver', 'snapdriver.hostfs']"
 
 
 def test_launcher_exit_codes(tmp_path: Path) -> None:

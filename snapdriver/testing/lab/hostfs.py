@@ -4,36 +4,18 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
+from snapdriver.hostfs import mounts_below
+
 from .errors import LabError, log
 
 
-def decode_mountinfo(field: str) -> str:
-    r"""A mountinfo path with its octal escapes (``\040`` for a space) decoded."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mounts_under(top: Path, mountinfo: str | None = None) -> list[str]:
-    """Mount points at or below ``top``, deepest first.
-
-    snapdriver.hostfs parses mountinfo too, but importing it loads the snapdriver package and its
-    dependencies (pluggy), which the lab must run without.
-    """
-    if mountinfo is None:
-        mountinfo = Path("/proc/self/mountinfo").read_text()
-    base = str(top)
-    found = []
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        point = decode_mountinfo(fields[4]) if len(fields) > 4 else ""
-        if point == base or point.startswith(base + "/"):
-            found.append(point)
-    return sorted(found, reverse=True)
+def _targets_below(top: Path) -> list[str]:
+    return [mount.target for mount in mounts_below(top)]
 
 
 def umount_under(top: Path) -> bool:
@@ -45,12 +27,12 @@ def umount_under(top: Path) -> bool:
     if str(top) in ("", "/"):
         return True
     for _ in range(3):
-        left = mounts_under(top)
+        left = _targets_below(top)
         if not left:
             return True
         for point in left:
             subprocess.run(["umount", "-l", point], stderr=subprocess.DEVNULL, check=False)
-    return not mounts_under(top)
+    return not _targets_below(top)
 
 
 def inside(path: Path, base: Path) -> bool:
@@ -65,7 +47,7 @@ def safe_rm(path: Path, cache_base: Path) -> None:
     if not os.path.lexists(path):
         return
     if not umount_under(path):
-        left = " ".join(mounts_under(path))
+        left = " ".join(_targets_below(path))
         raise LabError(f"cannot unmount everything below {path}; refusing to delete it: {left}")
     subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], check=True)
 
