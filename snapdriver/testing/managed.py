@@ -96,7 +96,9 @@ def run(*command: str | Path, log: str = "") -> None:
     print(f"build-plugin: {log or ' '.join(map(str, command))}", flush=True)
     done = subprocess.run([str(part) for part in command], check=False)
     if done.returncode != 0:
-        raise BuildError(f"{command[0]} failed (exit {done.returncode}): {' '.join(map(str, command))}")
+        raise BuildError(
+            f"{command[0]} failed (exit {done.returncode}): {' '.join(map(str, command))}"
+        )
 
 
 def cached_base(mirror: str, cache: Path = CACHE) -> Path:

@@ -115,9 +115,8 @@ def managed(
     dockerd.start()
     try:
         dockerd.docker("plugin", "create", PLUGIN, str(plugin_dir))
-        dockerd.docker(
-            "plugin", "set", PLUGIN, "SNAPDRIVER_LOG_LEVEL=debug", f"SNAPDRIVER_METRICS_LISTEN={METRICS}"
-        )  # fmt: skip
+        settings = ("SNAPDRIVER_LOG_LEVEL=debug", f"SNAPDRIVER_METRICS_LISTEN={METRICS}")
+        dockerd.docker("plugin", "set", PLUGIN, *settings)
         dockerd.docker("plugin", "enable", PLUGIN)
         plugin_id = dockerd.docker("plugin", "inspect", "-f", "{{.Id}}", PLUGIN).stdout.strip()
         use_driver(dockerd, PLUGIN)

@@ -19,7 +19,9 @@ PLUGIN_CONFIG: dict[str, Any] = json.loads(managed.CONFIG.read_text())
 def resolved(environ: dict[str, str]) -> config.Resolved:
     """What the plugin's entrypoint runs with under ``environ`` (its Env), as the daemon parses."""
     argv = PLUGIN_CONFIG["Entrypoint"][1:]
-    return config.resolve(cli.base_parser(), argv, config.ConfigFile(None), "graphdriver", environ=environ)
+    return config.resolve(
+        cli.base_parser(), argv, config.ConfigFile(None), "graphdriver", environ=environ
+    )
 
 
 def default_env() -> dict[str, str]:
@@ -73,7 +75,10 @@ Suites: bookworm-security
             {"sources.list": "deb [arch=amd64] http://one.example/debian bookworm main\n"},
             "http://one.example/debian",
         ),
-        ({"sources.list": "deb http://one.example/debian bullseye main\n"}, managed.FALLBACK_MIRROR),
+        (
+            {"sources.list": "deb http://one.example/debian bullseye main\n"},
+            managed.FALLBACK_MIRROR,
+        ),
         ({}, managed.FALLBACK_MIRROR),
     ],
     ids=["deb822", "one-line", "other-suite", "none"],
