@@ -91,10 +91,10 @@ def _locked(cache: Path) -> Iterator[None]:
         yield
 
 
-def run(*command: str | Path, log: str = "") -> None:
+def run(*command: str | Path, log: str = "", env: dict[str, str] | None = None) -> None:
     """Run a build step, its output passed through; a failure names the step."""
     print(f"build-plugin: {log or ' '.join(map(str, command))}", flush=True)
-    done = subprocess.run([str(part) for part in command], check=False)
+    done = subprocess.run([str(part) for part in command], env=env, check=False)
     if done.returncode != 0:
         raise BuildError(
             f"{command[0]} failed (exit {done.returncode}): {' '.join(map(str, command))}"
@@ -152,15 +152,19 @@ def install_venv(rootfs: Path, wheelhouse: Path) -> None:
     """The venv at :data:`VENV` inside ``rootfs``, from the wheelhouse only (no index)."""
     inside = rootfs / "tmp" / "wheels"
     shutil.copytree(wheelhouse, inside)
+    # The host's pip settings (PIP_FIND_LINKS=/opt/wheels, ...) name host paths.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    pip = ("chroot", rootfs, f"{VENV}/bin/python", "-m", "pip")
     try:
         # system site-packages: Debian's btrfsutil lives there
-        run("chroot", rootfs, "/usr/bin/python3", "-m", "venv", "--system-site-packages", VENV)
-        run(
-            "chroot", rootfs, f"{VENV}/bin/python", "-m", "pip", "install", "-q",
-            "--no-index", "--no-cache-dir", "--find-links", "/tmp/wheels", "snapdriver",
-        )  # fmt: skip
+        venv = ("chroot", rootfs, "/usr/bin/python3", "-m", "venv", "--system-site-packages", VENV)
+        run(*venv, env=env)
+        found = ("--no-index", "--no-cache-dir", "--find-links", "/tmp/wheels")
+        run(*pip, "install", "-q", *found, "snapdriver", env=env)
+        # a third of the venv, and nothing the daemon imports
+        run(*pip, "uninstall", "-q", "-y", "pip", "setuptools", env=env)
         check = "import btrfsutil, snapdriver_btrfs; print('btrfs backend imports')"
-        run("chroot", rootfs, f"{VENV}/bin/python", "-c", check)
+        run("chroot", rootfs, f"{VENV}/bin/python", "-c", check, env=env)
     finally:
         shutil.rmtree(inside, ignore_errors=True)
 

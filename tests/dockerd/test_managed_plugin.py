@@ -78,8 +78,13 @@ class Managed:
         return self.dockerd.data_root / "plugins" / self.plugin_id
 
     def metrics(self) -> Samples:
-        runtime = self.dockerd.exec_root / "plugins" / self.plugin_id
-        return scrape(f"unix://{runtime / METRICS.rpartition('/')[2]}")
+        """A scrape through the plugin's runtime directory, by a descriptor: its path with the
+        plugin's ID is longer than a unix socket address may be."""
+        runtime = os.open(self.dockerd.exec_root / "plugins" / self.plugin_id, os.O_PATH)
+        try:
+            return scrape(f"unix:///proc/self/fd/{runtime}/{METRICS.rpartition('/')[2]}")
+        finally:
+            os.close(runtime)
 
 
 def use_driver(dockerd: Dockerd, driver: str) -> None:
