@@ -30,6 +30,7 @@ PLUGIN = f"sd/snapdriver:t{os.getpid()}"
 #: Where the plugin serves metrics inside its namespace: its runtime directory, a host directory.
 METRICS = "unix:///run/docker/plugins/metrics.sock"
 CHANGES = "snapdriver_changes_duration_seconds_count"
+PLUGIN_RUNTIME = Path("/run/docker/plugins")
 BUILD_TIMEOUT = 1800  # a first build on a slow mirror: debootstrap and the wheels
 
 
@@ -77,14 +78,14 @@ class Managed:
     def plugin_root(self) -> Path:
         return self.dockerd.data_root / "plugins" / self.plugin_id
 
+    @property
+    def runtime(self) -> Path:
+        """The plugin's /run/docker/plugins: dockerd 20.10 keeps it on this fixed host path (not
+        under its exec root) to keep socket paths short."""
+        return PLUGIN_RUNTIME / self.plugin_id
+
     def metrics(self) -> Samples:
-        """A scrape through the plugin's runtime directory, by a descriptor: its path with the
-        plugin's ID is longer than a unix socket address may be."""
-        runtime = os.open(self.dockerd.exec_root / "plugins" / self.plugin_id, os.O_PATH)
-        try:
-            return scrape(f"unix:///proc/self/fd/{runtime}/{METRICS.rpartition('/')[2]}")
-        finally:
-            os.close(runtime)
+        return scrape(f"unix://{self.runtime / METRICS.rpartition('/')[2]}")
 
 
 def use_driver(dockerd: Dockerd, driver: str) -> None:
@@ -180,8 +181,12 @@ def test_release_leaves_nothing(managed: Managed) -> None:
     release(managed.dockerd)
     assert managed.docker("plugin", "ls", "-q").strip() == ""
     assert not managed.plugin_root.exists(), "the plugin's directory outlived docker plugin rm"
+    assert not managed.runtime.exists(), "the plugin's runtime directory outlived it"
+    # dockerd's own: its data root bound on itself as a shared mount for plugins, until it stops
+    managed.dockerd.stop()
     mounts = subprocess.run(
         ["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True, check=True
     ).stdout.splitlines()
-    left = [m for m in mounts if m.startswith(str(managed.dockerd.data_root))]
+    ours = (str(managed.dockerd.data_root), str(managed.runtime))
+    left = [m for m in mounts if m.startswith(ours)]
     assert left == [], left
