@@ -12,9 +12,10 @@ everything: images, the plugin, its mounts.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import pytest
 
 from snapdriver.testing.dockerd import Dockerd
 from snapdriver.testing.metrics import Samples, scrape
-from tests.conftest import FIGURES, skip_tier
+from tests.conftest import skip_tier
 
 pytestmark = [pytest.mark.dockerd, pytest.mark.slow]
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -34,9 +35,20 @@ PLUGIN_RUNTIME = Path("/run/docker/plugins")
 BUILD_TIMEOUT = 1800  # a first build on a slow mirror: debootstrap and the wheels
 
 
+@dataclass
+class Build:
+    """The plugin directory scripts/build-plugin made, and what the build cost."""
+
+    path: Path
+    summary: str
+
+
 @pytest.fixture(scope="session")
-def plugin_dir(dockerd_available: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The plugin directory, built once per session through scripts/build-plugin."""
+def plugin_build(
+    dockerd_available: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Build]:
+    """The plugin directory, built once per session through scripts/build-plugin (and removed
+    after it: a root filesystem of 180 MiB)."""
     out = tmp_path_factory.mktemp("managed-build") / "plugin"
     started = time.monotonic()
     try:
@@ -52,19 +64,18 @@ def plugin_dir(dockerd_available: None, tmp_path_factory: pytest.TempPathFactory
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
         skip_tier("dockerd", f"scripts/build-plugin failed (exit {done.returncode}):\n{tail}")
-    cached = "cached base" in done.stdout
+    base = "cached" if "cached base" in done.stdout else "first"
     size = done.stdout.strip().splitlines()[-1].rpartition("rootfs ")[2]
-    FIGURES.append(
-        f"managed plugin: built in {time.monotonic() - started:.0f} s "
-        f"({'cached' if cached else 'first'} Debian base), rootfs {size}"
-    )
-    return out
+    took = time.monotonic() - started
+    yield Build(out, f"built in {took:.0f} s ({base} Debian base), rootfs {size}")
+    shutil.rmtree(out)
 
 
 @dataclass
 class Managed:
     dockerd: Dockerd
     plugin_id: str
+    summary: str
 
     def docker(self, *args: str, check: bool = True) -> str:
         return self.dockerd.docker(*args, check=check).stdout
@@ -114,20 +125,23 @@ def release(dockerd: Dockerd) -> None:
 
 @pytest.fixture(scope="module")
 def managed(
-    btrfs_mount: Path, plugin_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    btrfs_mount: Path, plugin_build: Build, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Managed]:
     workdir = tmp_path_factory.mktemp("managed")
     dockerd = Dockerd(workdir / "dockerd", "vfs", data_root=btrfs_mount / "managed-docker")
     dockerd.start()
     try:
-        dockerd.docker("plugin", "create", PLUGIN, str(plugin_dir))
+        started = time.monotonic()
+        dockerd.docker("plugin", "create", PLUGIN, str(plugin_build.path))
+        created = time.monotonic() - started
         settings = ("SNAPDRIVER_LOG_LEVEL=debug", f"SNAPDRIVER_METRICS_LISTEN={METRICS}")
         dockerd.docker("plugin", "set", PLUGIN, *settings)
         dockerd.docker("plugin", "enable", PLUGIN)
         plugin_id = dockerd.docker("plugin", "inspect", "-f", "{{.Id}}", PLUGIN).stdout.strip()
         use_driver(dockerd, PLUGIN)
         dockerd.import_busybox("bb:1")
-        yield Managed(dockerd, plugin_id)
+        summary = f"{plugin_build.summary}, docker plugin create {created:.0f} s"
+        yield Managed(dockerd, plugin_id, summary)
     finally:
         try:
             release(dockerd)
@@ -135,7 +149,8 @@ def managed(
             dockerd.stop()
 
 
-def test_dockerd_uses_the_plugin(managed: Managed) -> None:
+def test_dockerd_uses_the_plugin(managed: Managed, figure: Callable[[str], None]) -> None:
+    figure(f"managed plugin: {managed.summary}")
     info = managed.docker("info", "--format", "{{.Driver}} {{json .DriverStatus}}")
     assert info.startswith(PLUGIN) and '"Backend","btrfs"' in info, info
     listed = managed.docker("plugin", "ls", "--format", "{{.Name}} {{.Enabled}}")
