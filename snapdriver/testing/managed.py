@@ -23,6 +23,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from snapdriver.testing.loopfs import _unmount_tree
+
 CHECKOUT = Path(__file__).resolve().parents[2]
 CONFIG = CHECKOUT / "plugin" / "config.json"
 CACHE = Path("/var/cache/snapdriver-plugin")
@@ -111,7 +113,9 @@ def cached_base(mirror: str, cache: Path = CACHE) -> Path:
         if shutil.which("debootstrap") is None:
             raise BuildError("debootstrap is not installed (apt-get install debootstrap)")
         partial = cache / f".{base.name}.partial"
-        shutil.rmtree(partial, ignore_errors=True)  # an interrupted build's
+        # An interrupted build's: debootstrap may have left its /proc and /sys mounted there.
+        _unmount_tree(partial)
+        shutil.rmtree(partial, ignore_errors=True)
         include = ",".join(PACKAGES)
         run("debootstrap", "--variant=minbase", f"--include={include}", SUITE, partial, mirror)
         trim(partial)
