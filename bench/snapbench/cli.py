@@ -223,7 +223,7 @@ def _drivers(
 def preflight(config: Config) -> str | None:
     """None if this machine can run the benchmark, else why not."""
     specs = [spec for spec in DRIVERS if spec.label in config.drivers]
-    tools = ["dockerd", "docker", "findmnt"]
+    tools = ["dockerd", "docker"]
     if any(not spec.on_zfs for spec in specs):
         reason = can_make_loop_filesystems()
         if reason:
