@@ -29,7 +29,13 @@ from snapbench.config import (
     Config,
 )
 from snapbench.env import DRIVERS, environment, raise_on_sigterm
-from snapbench.images import FileLayout, file_image_tar
+from snapbench.images import (
+    LOAD_FILE_MIN,
+    FileLayout,
+    file_image_tar,
+    load_archive,
+    load_file_size,
+)
 from snapbench.report import duration, write_markdown, write_plots
 from snapbench.results import Results
 from snapbench.scenarios import Runner
@@ -83,6 +89,16 @@ def parse_args(argv: Sequence[str]) -> Config:
         type=_csv_ints,
         default=CHANGE_COUNTS,
         help="changed-file counts for scenario 3 (default 10,100,1000,10000)",
+    )
+    parser.add_argument(
+        "--load-mib",
+        type=int,
+        help="scenario 7: MiB in the image docker loads (default 1000; 4 with --smoke)",
+    )
+    parser.add_argument(
+        "--load-files",
+        type=int,
+        help="scenario 7: files in that image, all of one size (default 50000; 200 with --smoke)",
     )
     parser.add_argument(
         "--smoke",
@@ -175,6 +191,10 @@ def parse_args(argv: Sequence[str]) -> Config:
     repeat = args.repeat or (1 if args.smoke else 5)
     if repeat < 1 or files < 1:
         parser.error("--repeat and --files must be positive")
+    load_files = args.load_files or (200 if args.smoke else 50_000)
+    load_mib = args.load_mib or (4 if args.smoke else 1000)
+    if load_files < 1 or load_file_size(load_files, load_mib) < LOAD_FILE_MIN:
+        parser.error(f"--load-mib and --load-files: each file needs at least {LOAD_FILE_MIN} bytes")
     out = args.out or (BENCH_DIR / "out" if args.smoke else BENCH_DIR)
     return Config(
         repeat=repeat,
@@ -188,8 +208,8 @@ def parse_args(argv: Sequence[str]) -> Config:
         smoke=args.smoke,
         rpc_clients=args.rpc_clients,
         rpc_rounds=args.rpc_rounds or (20 if args.smoke else 500),
-        load_files=200 if args.smoke else 50_000,
-        load_mib=4 if args.smoke else 1000,
+        load_files=load_files,
+        load_mib=load_mib,
         create_files=1000 if args.smoke else 1_000_000,
         stream_mib=16 if args.smoke else 2048,
         profile=args.profile,
@@ -362,10 +382,16 @@ def leftovers(config: Config) -> list[str]:
 
 
 def prepare(config: Config) -> int:
-    """``--prepare``: the image tars of the run, written where a later run will find them."""
+    """``--prepare``: the image tars the chosen scenarios read, written where a later run will
+    find them (the ZFS lab's emulated guest would take minutes for each)."""
     config.images_dir.mkdir(parents=True, exist_ok=True)
-    for files in config.sizes:
-        log(f"image tar: {file_image_tar(config.images_dir, FileLayout.for_files(files), log)}")
+    if config.scenarios & {1, 2, 3}:
+        for files in config.sizes:
+            tar = file_image_tar(config.images_dir, FileLayout.for_files(files), log)
+            log(f"image tar: {tar}")
+    if 7 in config.scenarios:
+        archive = load_archive(config.images_dir, config.load_files, config.load_mib, log)
+        log(f"load archive: {archive}")
     return 0
 
 
