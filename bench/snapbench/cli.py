@@ -29,7 +29,13 @@ from snapbench.config import (
     Config,
 )
 from snapbench.env import DRIVERS, environment, raise_on_sigterm
-from snapbench.images import FileLayout, file_image_tar
+from snapbench.images import (
+    LOAD_FILE_MIN,
+    FileLayout,
+    file_image_tar,
+    load_archive,
+    load_file_size,
+)
 from snapbench.report import duration, write_markdown, write_plots
 from snapbench.results import Results
 from snapbench.scenarios import Runner
@@ -84,6 +90,16 @@ def parse_args(argv: Sequence[str]) -> Config:
         type=_csv_ints,
         default=CHANGE_COUNTS,
         help="changed-file counts for scenario 3 (default 10,100,1000,10000)",
+    )
+    parser.add_argument(
+        "--load-mib",
+        type=int,
+        help="scenario 7: MiB in the image docker loads (default 1000; 4 with --smoke)",
+    )
+    parser.add_argument(
+        "--load-files",
+        type=int,
+        help="scenario 7: files in that image, all of one size (default 50000; 200 with --smoke)",
     )
     parser.add_argument(
         "--smoke",
@@ -153,6 +169,12 @@ def parse_args(argv: Sequence[str]) -> Config:
         "disk writer (io)",
     )
     parser.add_argument(
+        "--own-containerd",
+        action="store_true",
+        help="start containerd for each dockerd and wait for it as long as it takes (dockerd "
+        "gives its own 15 s: too little in the ZFS lab on a busy host)",
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
         default=3600.0,
@@ -176,6 +198,10 @@ def parse_args(argv: Sequence[str]) -> Config:
     repeat = args.repeat or (1 if args.smoke else 5)
     if repeat < 1 or files < 1:
         parser.error("--repeat and --files must be positive")
+    load_files = args.load_files or (200 if args.smoke else 50_000)
+    load_mib = args.load_mib or (4 if args.smoke else 1000)
+    if load_files < 1 or load_file_size(load_files, load_mib) < LOAD_FILE_MIN:
+        parser.error(f"--load-mib and --load-files: each file needs at least {LOAD_FILE_MIN} bytes")
     out = args.out or (BENCH_DIR / "out" if args.smoke else BENCH_DIR)
     return Config(
         repeat=repeat,
@@ -189,8 +215,8 @@ def parse_args(argv: Sequence[str]) -> Config:
         smoke=args.smoke,
         rpc_clients=args.rpc_clients,
         rpc_rounds=args.rpc_rounds or (20 if args.smoke else 500),
-        load_files=200 if args.smoke else 50_000,
-        load_mib=4 if args.smoke else 1000,
+        load_files=load_files,
+        load_mib=load_mib,
         create_files=1000 if args.smoke else 1_000_000,
         stream_mib=16 if args.smoke else 2048,
         profile=args.profile,
@@ -202,6 +228,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         report=args.report,
         prepare=args.prepare,
         plots=args.plots,
+        own_containerd=args.own_containerd,
     )
 
 
@@ -329,7 +356,10 @@ def run(config: Config, results: Results) -> None:
         started, load = time.monotonic(), _load()
         workdir = config.workdir / spec.label
         try:
-            with environment(spec, workdir, sizes.get(spec.fstype, 0), config.zpool, log) as env:
+            size = sizes.get(spec.fstype, 0)
+            with environment(
+                spec, workdir, size, config.zpool, log, containerd=config.own_containerd
+            ) as env:
                 status = env.dockerd.docker("info", "--format", "{{json .DriverStatus}}")
                 results.driver_status[spec.label] = _driver_status(status.stdout)
                 try:
@@ -359,10 +389,16 @@ def leftovers(config: Config) -> list[str]:
 
 
 def prepare(config: Config) -> int:
-    """``--prepare``: the image tars of the run, written where a later run will find them."""
+    """``--prepare``: the image tars the chosen scenarios read, written where a later run will
+    find them (the ZFS lab's emulated guest would take minutes for each)."""
     config.images_dir.mkdir(parents=True, exist_ok=True)
-    for files in config.sizes:
-        log(f"image tar: {file_image_tar(config.images_dir, FileLayout.for_files(files), log)}")
+    if config.scenarios & {1, 2, 3}:
+        for files in config.sizes:
+            tar = file_image_tar(config.images_dir, FileLayout.for_files(files), log)
+            log(f"image tar: {tar}")
+    if 7 in config.scenarios:
+        archive = load_archive(config.images_dir, config.load_files, config.load_mib, log)
+        log(f"load archive: {archive}")
     return 0
 
 

@@ -38,6 +38,7 @@ class Config:
     report: str  # the report's file name, without .md (results: .json)
     prepare: bool  # write the image tars into ``images`` and stop
     plots: bool
+    own_containerd: bool  # start containerd for dockerd instead of letting it start its own
 
     @property
     def images_dir(self) -> Path:

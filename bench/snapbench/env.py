@@ -223,19 +223,49 @@ def filesystem(
 
 
 @contextlib.contextmanager
+def own_containerd(workdir: Path, log: Callable[[str], None]) -> Iterator[list[str]]:
+    """A containerd started for dockerd (``--own-containerd``); yields dockerd's options for it.
+
+    dockerd gives the containerd it starts itself a fixed 15 s and exits when that is not enough:
+    in the emulated ZFS lab beside three other guests it failed three starts running
+    (2026-12-06). Started here, containerd is waited for as long as it takes; dockerd then only
+    connects to it and runs its containers there, in a namespace of their own.
+    """
+    from snapdriver.testing.containerd import Containerd  # imports grpc: only when asked for
+
+    containerd = Containerd(workdir / "containerd", {})
+    started = time.monotonic()
+    containerd.start(timeout=900)
+    log(f"  containerd of its own up in {time.monotonic() - started:.1f}s")
+    try:
+        yield [
+            *("--containerd", str(containerd.address)),
+            *("--containerd-namespace", containerd.namespace),
+            *("--containerd-plugins-namespace", f"{containerd.namespace}-plugins"),
+        ]
+    finally:
+        containerd.close()
+
+
+@contextlib.contextmanager
 def environment(
     spec: DriverSpec,
     workdir: Path,
     fs_size_mb: int,
     zpool: str | None,
     log: Callable[[str], None],
+    *,
+    containerd: bool = False,
 ) -> Iterator[Environment]:
-    """Make the filesystem, start the plugin (first) and dockerd; undo it all after."""
+    """Make the filesystem, start the plugin (first), containerd (if asked for) and dockerd;
+    undo it all after."""
     workdir.mkdir(parents=True, exist_ok=True)
     stack = contextlib.ExitStack()
     env: Environment | None = None
     try:
         mount = stack.enter_context(filesystem(spec, workdir, fs_size_mb, zpool))
+        # Stopped after dockerd (the stack closes after the teardown below).
+        dockerd_args = stack.enter_context(own_containerd(workdir, log)) if containerd else []
         if spec.on_zfs:
             log(f"  root dataset on pool {zpool} mounted at {mount}")
         else:
@@ -253,7 +283,9 @@ def environment(
                 extra_args=["--log-level", os.environ.get("SNAPBENCH_PLUGIN_LOG", "info")],
             )
         data_root = mount / ("docker-intree" if spec.label == "btrfs" else "docker")
-        dockerd = Dockerd(workdir / "dockerd", spec.storage_driver, data_root=data_root)
+        dockerd = Dockerd(
+            workdir / "dockerd", spec.storage_driver, data_root=data_root, extra_args=dockerd_args
+        )
         env = Environment(spec, workdir, mount, dockerd, plugin)
         if plugin is not None:
             plugin.start()

@@ -23,6 +23,10 @@ from typing import BinaryIO
 from snapdriver.testing.dockerd import busybox_rootfs_tar
 
 MTIME = 1_700_000_000
+#: The tag of the image in scenario 7's ``docker save`` archive.
+LOAD_TAG = "sdbench-load:latest"
+#: The smallest file of the load layer: each begins with its own 8-byte number.
+LOAD_FILE_MIN = 8
 _CHANGED = re.compile(r"C /data/d\d+/f\d+")
 
 
@@ -118,6 +122,23 @@ def write_build_context(directory: Path, base: str, files: int = 50) -> None:
     )
 
 
+def load_archive(directory: Path, files: int, mib: int, log: Callable[[str], None]) -> Path:
+    """Scenario 7's ``docker save`` archive (tag :data:`LOAD_TAG`) in ``directory``, written
+    unless an earlier run (or ``bench/run --prepare``) left it there."""
+    path = directory / f"load-{files}-{mib}.tar"
+    if not path.exists():
+        log(f"    writing {path} ({files:,} files, {mib:,} MiB)")
+        partial = path.with_suffix(".partial")
+        write_save_archive(partial, LOAD_TAG, files, mib)
+        partial.rename(path)  # only a whole archive has the name that is reused
+    return path
+
+
+def load_file_size(files: int, mib: int) -> int:
+    """Bytes in each file of the load layer (all equal; each starts with its 8-byte number)."""
+    return mib * 1024 * 1024 // files
+
+
 def write_save_archive(path: Path, tag: str, files: int, mib: int) -> None:
     """A ``docker save`` archive of one layer: ``files`` files of equal size, ``mib`` MiB in all.
 
@@ -149,7 +170,7 @@ def write_save_archive(path: Path, tag: str, files: int, mib: int) -> None:
 
 def write_load_layer(path: Path, files: int, mib: int) -> str:
     """The layer tar of :func:`write_save_archive` alone, at ``path``; returns its sha256."""
-    size = mib * 1024 * 1024 // files
+    size = load_file_size(files, mib)
     with open(path, "wb") as raw:
         hashing = _Hashing(raw)
         tar = tarfile.open(fileobj=hashing, mode="w|")  # type: ignore[call-overload]  # noqa: SIM115
@@ -165,7 +186,7 @@ def _write_load_layer(tar: tarfile.TarFile, files: int, size: int) -> None:
             for f in range(d, min(d + 1000, files)):
                 info = tarfile.TarInfo(f"load/d{d // 1000}/f{f}")
                 info.size, info.mode, info.mtime = size, 0o644, MTIME
-                data = f.to_bytes(8, "little") + block[8:]
+                data = f.to_bytes(LOAD_FILE_MIN, "little") + block[LOAD_FILE_MIN:]
                 tar.addfile(info, io.BytesIO(data))
 
 

@@ -18,11 +18,13 @@ if TYPE_CHECKING:
 
 #: Results made elsewhere, included (never overwritten) in each RESULTS.md: the goals of the run
 #: against issue 13 with the floors measured (kept by hand), bench/native_changes.py's (by hand)
-#: and the ZFS lab's report (``bench/zfs-lab``).
+#: and the ZFS lab's reports (``bench/zfs-lab``: the default scenarios 1-2, and 4 and 7 under
+#: ``--report zfs-lab-run-load``).
 KEPT = {
     BENCH_DIR / "goals.md": "written by hand from the last full run and the profiles it names",
     BENCH_DIR / "native-changes.md": "written by hand from `bench/native_changes.py`",
     BENCH_DIR / "zfs-lab.md": "from `bench/zfs-lab` runs in the ZFS lab",
+    BENCH_DIR / "zfs-lab-run-load.md": "from a `bench/zfs-lab --scenarios 4,7` run in the ZFS lab",
 }
 COLOURS = {
     "snapdriver": "tab:red",

@@ -22,11 +22,13 @@ from snapbench import results as m
 from snapbench.config import Config
 from snapbench.env import Environment, busy_cpu_seconds, process_cpu_seconds
 from snapbench.images import (
+    LOAD_TAG,
     FileLayout,
     changed_files,
     file_image_tar,
+    load_archive,
+    load_file_size,
     write_build_context,
-    write_save_archive,
 )
 from snapbench.plugin_calls import create_on_big_parent, stream_memory
 from snapbench.results import Results
@@ -341,20 +343,14 @@ class Runner:
 
     def load(self) -> None:
         cfg = self.config
-        tag = "sdbench-load:latest"
-        archive = cfg.images_dir / f"load-{cfg.load_files}-{cfg.load_mib}.tar"
-        if not archive.exists():
-            self.log(f"    writing {archive.name} ({cfg.load_files:,} files, {cfg.load_mib:,} MiB)")
-            partial = archive.with_suffix(".partial")
-            write_save_archive(partial, tag, cfg.load_files, cfg.load_mib)
-            partial.rename(archive)
+        archive = load_archive(cfg.images_dir, cfg.load_files, cfg.load_mib, self.log)
         metric = m.image_load(cfg.load_files, cfg.load_mib)
-        expected = cfg.load_files * (cfg.load_mib * 1024 * 1024 // cfg.load_files)
+        expected = cfg.load_files * load_file_size(cfg.load_files, cfg.load_mib)
         for _ in range(cfg.repeat):
             with self.profiled("load"):
                 self.measured(metric, "load", "-q", "-i", str(archive))
-            size = int(self.docker("image", "inspect", "-f", "{{.Size}}", tag))
+            size = int(self.docker("image", "inspect", "-f", "{{.Size}}", LOAD_TAG))
             if size < expected:
                 raise ScenarioFailed(f"the loaded image is {size:,} bytes, not {expected:,}")
-            self.docker("rmi", tag)
+            self.docker("rmi", LOAD_TAG)
         self.log_median(metric)
