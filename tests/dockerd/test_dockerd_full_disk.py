@@ -9,14 +9,17 @@ minutes, most of it dockerd's start and writing the image tars.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import re
 import subprocess
 import tarfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -53,36 +56,39 @@ class Env:
     plugin: PluginProcess
     space: Space
     storage: Storage
-    tars: Path
 
-    def docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.dockerd.docker(*args, check=check)
+    def docker(
+        self, *args: str, check: bool = True, stdin: IO[bytes] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return self.dockerd.docker(*args, check=check, stdin=stdin)
 
     def free(self) -> int:
         return self.space.free()
 
-    def image_tar(self, name: str, size_mb: int) -> Path:
-        """A rootfs tar of ``size_mb`` MiB of incompressible files, on the host's disk."""
-        path = self.tars / f"{name}.tar"
-        rng = random.Random(name)
-        with tarfile.open(path, "w") as tar:
+    def import_image(self, name: str, size_mb: int, tag: str) -> subprocess.CompletedProcess[str]:
+        """``docker import -`` of a rootfs tar of ``size_mb`` MiB of incompressible files, fed
+        through a pipe: never on disk (the lab guest's disk is its RAM)."""
+        read, write = os.pipe()
+        writer = threading.Thread(target=_write_rootfs, args=(write, name, size_mb), daemon=True)
+        writer.start()
+        try:
+            with open(read, "rb") as stdin:
+                return self.docker("import", "-", tag, check=False, stdin=stdin)
+        finally:
+            writer.join(timeout=60)
+
+
+def _write_rootfs(fd: int, name: str, size_mb: int) -> None:
+    """The same bytes for the same ``name``: files of 8 MiB of seeded random data."""
+    rng = random.Random(name)
+    try:
+        with open(fd, "wb") as out, tarfile.open(fileobj=out, mode="w|") as tar:
             for i in range(size_mb // 8):
                 info = tarfile.TarInfo(f"data/{name}-{i:03d}")
                 info.size = 8 * MiB
-                tar.addfile(info, _Random(rng, info.size))
-        return path
-
-
-class _Random:
-    """A file-like of ``size`` random bytes, read once."""
-
-    def __init__(self, rng: random.Random, size: int) -> None:
-        self.rng, self.left = rng, size
-
-    def read(self, size: int = -1) -> bytes:
-        size = self.left if size < 0 else min(size, self.left)
-        self.left -= size
-        return self.rng.randbytes(size)
+                tar.addfile(info, io.BytesIO(rng.randbytes(info.size)))
+    except BrokenPipeError:
+        pass  # docker stopped reading: the import failed, which the test judges
 
 
 @pytest.fixture(scope="module")
@@ -105,28 +111,21 @@ def env(
         dockerd = Dockerd(workdir / "dockerd", NAME, data_root=data_root)
         try:
             dockerd.start(timeout=180)
-            yield Env(dockerd, plugin, space, storage, workdir)
+            yield Env(dockerd, plugin, space, storage)
         finally:
             dockerd.stop()
             plugin.stop()
-
-
-def import_image(env: Env, tar: Path, tag: str) -> subprocess.CompletedProcess[str]:
-    return env.docker("import", str(tar), tag, check=False)
 
 
 def test_full_disk_import_fails_cleanly_and_rmi_makes_room(
     env: Env, figure: Callable[[str], None]
 ) -> None:
     sizes = SIZES[env.space.backend]
-    small = env.image_tar("small", sizes.small)
-    medium = env.image_tar("medium", sizes.medium)
-    big = env.image_tar("big", sizes.big)
-    assert import_image(env, small, "small:1").returncode == 0
+    assert env.import_image("small", sizes.small, "small:1").returncode == 0
     os.sync()  # btrfs counts written data as used only once it is flushed
     free_before = env.free()
 
-    failed = import_image(env, big, "big:1")
+    failed = env.import_image("big", sizes.big, "big:1")
     assert failed.returncode != 0
     error = failed.stderr.strip()
     assert re.search(FULL + " while applying layer", error), error
@@ -137,10 +136,12 @@ def test_full_disk_import_fails_cleanly_and_rmi_makes_room(
     images = env.docker("images", "--format", "{{.Repository}}").stdout.split()
     assert "big" not in images
 
-    too_much = import_image(env, medium, "medium:1")  # beside the small one: no room yet
+    too_much = env.import_image(
+        "medium", sizes.medium, "medium:1"
+    )  # beside the small one: no room yet
     assert too_much.returncode != 0 and re.search(FULL, too_much.stderr), too_much.stderr
     env.docker("rmi", "small:1")  # the room the user makes
-    again = import_image(env, medium, "medium:1")
+    again = env.import_image("medium", sizes.medium, "medium:1")
     assert again.returncode == 0, again.stderr
     env.docker("rmi", "medium:1")
     left = env.storage.stored()
