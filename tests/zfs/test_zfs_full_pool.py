@@ -56,7 +56,7 @@ def test_reclaim_returns_once_the_pool_has_freed_a_removed_layer(
                 handle.write(os.urandom(MiB))
         backend.snapdriver_unmount("fat")
         backend.snapdriver_remove("fat")
-        pool = root_dataset.split("/")[0]
+        pool = root_dataset.split("/", maxsplit=1)[0]
         started = time.monotonic()
         backend.snapdriver_reclaim(timeout=60)
         took = time.monotonic() - started
