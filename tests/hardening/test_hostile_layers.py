@@ -30,7 +30,8 @@ directory around Home plus the list of datasets below the root. There the corpus
 layers live (``..``, absolute paths, symlinks, hard links, whiteouts and devices towards the
 canaries, the sibling, the host), plus a few malformed archives; the rest exercise the tar reader,
 which is the same code on both backends, and the 2,000-deep tree costs minutes of emulated CPU
-with nothing backend-specific in it. The subset costs about 6 guest minutes.
+with nothing backend-specific in it. The subset is estimated at about 6 guest minutes (not
+measured yet).
 """
 
 from __future__ import annotations
