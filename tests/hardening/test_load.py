@@ -20,8 +20,9 @@ with a size limit, so every container layer has a qgroup with a limit.
 On ZFS the same scenario is shorter: ``SNAPDRIVER_ZFS_LOAD_SECONDS`` (120 by default) with
 :data:`ZFS_THREADS` clients, because the lab guest is one emulated CPU shared by dockerd, the
 plugin and every client; the whole module is estimated at about 6 guest minutes there, not
-measured yet (dockerd's start and the final clean-up included). Each container's size limit is a dataset quota, and afterwards no
-dataset or snapshot may be left below the root dataset (qgroups and loop devices are btrfs's).
+measured yet (dockerd's start and the final clean-up included). Each container's size limit is
+a dataset quota, and afterwards no dataset or snapshot may be left below the root dataset
+(qgroups and loop devices are btrfs's).
 """
 
 from __future__ import annotations
