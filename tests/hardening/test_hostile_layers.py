@@ -30,8 +30,8 @@ directory around Home plus the list of datasets below the root. There the corpus
 layers live (``..``, absolute paths, symlinks, hard links, whiteouts and devices towards the
 canaries, the sibling, the host), plus a few malformed archives; the rest exercise the tar reader,
 which is the same code on both backends, and the 2,000-deep tree costs minutes of emulated CPU
-with nothing backend-specific in it. The subset is estimated at about 6 guest minutes (not
-measured yet).
+with nothing backend-specific in it. The subset took 111 s in the lab (26 inputs, 1.9 guest
+minutes).
 """
 
 from __future__ import annotations
