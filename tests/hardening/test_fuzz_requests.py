@@ -5,8 +5,8 @@ host) or ZFS (a root dataset of its own, in the lab), and hypothesis throws bodi
 it over the unix socket: wrong types, missing fields, huge bodies, IDs with ``/``, ``..``, NUL or
 bytes that are not UTF-8. What valid-looking requests happen to create is removed afterwards, so
 the tiers' leak checks judge the plugin, not the fuzzer. On ZFS the module took about 1.5 guest
-minutes, with other lab guests beside it (a request is milliseconds; the few Creates that succeed are a
-dataset each).
+minutes, with other lab guests beside it (a request is milliseconds; the few Creates that
+succeed are a dataset each).
 """
 
 from __future__ import annotations
