@@ -9,6 +9,12 @@ one-line message, never a traceback.
 
 from __future__ import annotations
 
+import errno
+import os
+
+#: A full filesystem or quota: the layer is not at fault, and the caller's clean-up differs.
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
 
 class SnapdriverError(Exception):
     """Base of all snapdriver errors. ``str(err)`` is the message a person reads."""
@@ -56,3 +62,14 @@ class NoSpaceError(SnapdriverError):
 
 class BackendError(SnapdriverError):
     """The storage backend failed (a filesystem or tool error)."""
+
+
+def storage_error(code: int, what: str, detail: str) -> SnapdriverError:
+    """A backend's failure: :class:`NoSpaceError` for ENOSPC and EDQUOT, else BackendError.
+
+    The full-disk message leads with ``strerror`` ("no space left on device", "disk quota
+    exceeded"), which the core repeats when it names the layer.
+    """
+    if code in NO_SPACE_ERRNOS:
+        return NoSpaceError(f"{os.strerror(code).lower()}: {what}")
+    return BackendError(f"{what}: {detail}")

@@ -25,6 +25,7 @@ from snapdriver.testing.loopfs import (
     sweep_stale,
 )
 from snapdriver.testing.process import SOCKETS
+from tests.storage import BACKENDS, Space, open_space
 
 REQUIRED = {t for t in os.environ.get("SNAPDRIVER_REQUIRE_TIERS", "").split(",") if t}
 
@@ -48,6 +49,24 @@ def btrfs_mount() -> Iterator[Path]:
         yield mnt
         LEAKS.update(btrfs_leftovers(mnt))
     LEAKS.update(host_leftovers())
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """``btrfs`` (host) or ``zfs`` (lab): the parametrization the hardening tiers share."""
+    if request.param == "zfs":
+        zfs_testing.skip_without_zfs()
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def space(
+    backend: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Space]:
+    """The session's btrfs filesystem, or a fresh ZFS root dataset for the module."""
+    mount = request.getfixturevalue("btrfs_mount") if backend == "btrfs" else None
+    with open_space(backend, tmp_path_factory.mktemp(f"{backend}-homes"), None, mount) as found:
+        yield found
 
 
 #: What the session left behind, filled in at the end and printed in the summary.
@@ -131,6 +150,14 @@ def dockerd_available() -> None:
         reason = "busybox-static is not installed"
     if reason:
         skip_tier("dockerd", reason)
+
+
+def require_dockerd(request: pytest.FixtureRequest, backend: str) -> None:
+    """On the host the dockerd tier's own check; the lab guest has no loop devices to check."""
+    if backend == "btrfs":
+        request.getfixturevalue("dockerd_available")
+    elif shutil.which("dockerd") is None or not Path("/bin/busybox").exists():
+        skip_tier("dockerd", "dockerd or busybox-static is missing in this machine")
 
 
 @pytest.fixture(scope="session")

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import signal
@@ -56,6 +55,7 @@ from snapdriver.containerd.proto import snapshots_pb2 as pb
 from snapdriver.containerd.store import KeyStore, Kind, Snapshot
 from snapdriver.core import Core, Usage
 from snapdriver.errors import (
+    NO_SPACE_ERRNOS,
     ArchiveError,
     BackendError,
     ConfigError,
@@ -96,7 +96,7 @@ def grpc_status(err: BaseException) -> tuple[grpc.StatusCode, str]:
     for cls, code in _STATUS:
         if isinstance(err, cls):
             return code, text
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, text
     return grpc.StatusCode.INTERNAL, f"internal error ({type(err).__name__}): {text}"
 

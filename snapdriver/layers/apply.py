@@ -21,7 +21,7 @@ import stat
 import tarfile
 from typing import IO
 
-from snapdriver.errors import ArchiveError, NoSpaceError
+from snapdriver.errors import NO_SPACE_ERRNOS, ArchiveError, NoSpaceError
 from snapdriver.layers.idmap import IDMapping
 from snapdriver.layers.rootfs import (
     lstat_at,
@@ -39,10 +39,6 @@ WHITEOUT_OPAQUE = ".wh..wh..opq"
 _XATTR_PREFIX = "SCHILY.xattr."
 _CHUNK = 1 << 20
 _NODE_TYPES = {tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK}
-
-
-#: A full filesystem or quota: the layer is not at fault, and the caller's clean-up differs.
-NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class UnpackNoSpaceError(NoSpaceError):

@@ -15,6 +15,7 @@ import tarfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 BUSYBOX = Path("/bin/busybox")
 APPLETS = (
@@ -171,11 +172,12 @@ class Dockerd:
         self.start()
 
     def docker(
-        self, *args: str, check: bool = True, timeout: float = 300
+        self, *args: str, check: bool = True, timeout: float = 300, stdin: IO[bytes] | None = None
     ) -> subprocess.CompletedProcess[str]:
+        """Run the docker CLI against this dockerd; ``stdin`` feeds e.g. ``docker import -``."""
         done = subprocess.run(
             [docker_cli(), "-H", self.host, *args],
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -21,76 +21,26 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
 
 import pytest
-from snapdriver_zfs.testing import everything_below, scratch_root, skip_without_zfs
 
 from snapdriver.core import REFS_FLUSH_DELAY
 from snapdriver.graphdriver.client import PluginCallError, PluginClient
 from snapdriver.layers.state import read_copy
 from snapdriver.testing.conformance import Plugin, random_content
 from snapdriver.testing.process import ForkedPluginProcess
+from tests.storage import Space, Storage
 
 pytestmark = pytest.mark.slow
 KILLS = int(os.environ.get("SNAPDRIVER_CRASH_KILLS", "60"))
 OPS = ("apply", "changes", "create", "diff", "remove")
 
 
-@dataclass
-class Storage:
-    """One backend's side of the scenario: where its layers live and what it has stored."""
-
-    backend: str
-    home: Path
-    init_options: list[str]
-    #: Every name the backend keeps storage under (layer IDs, or junk that is not one).
-    stored: Callable[[], list[str]]
-
-
-def btrfs_storage(mnt: Path) -> Storage:
-    home = mnt / f"crashes-{uuid.uuid4().hex[:8]}"
-
-    def stored() -> list[str]:
-        # A scratch snapshot (made for a Changes or Diff) is storage too, if the kill left it.
-        return [
-            name
-            for sub in ("subvolumes", "scratch")
-            if (home / sub).is_dir()
-            for name in os.listdir(home / sub)
-        ]
-
-    return Storage("btrfs", home, [], stored)
-
-
-def zfs_storage(root: str, home: Path) -> Storage:
-    def stored() -> list[str]:
-        # <root>/<id> is a layer's dataset; <root>/<parent>@<id> the origin made for layer <id>.
-        return sorted(
-            {name.rpartition("/")[2].rpartition("@")[2] for name in everything_below(root)}
-        )
-
-    return Storage("zfs", home, [f"zfs.fsname={root}"], stored)
-
-
-@pytest.fixture(
-    scope="module",
-    params=[
-        pytest.param("btrfs", marks=pytest.mark.btrfs),
-        pytest.param("zfs", marks=pytest.mark.zfs),
-    ],
-)
-def storage(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Storage]:
-    if request.param == "btrfs":
-        yield btrfs_storage(request.getfixturevalue("btrfs_mount"))
-        return
-    skip_without_zfs()
-    with scratch_root("crash") as root:
-        yield zfs_storage(root, tmp_path_factory.mktemp("zfs-home"))
+@pytest.fixture(scope="module")
+def storage(space: Space) -> Storage:
+    return space.new_home("crashes")
 
 
 def layer_tar(files: int, size: int, seed: int) -> bytes:

@@ -13,7 +13,6 @@ referenced bytes, when quotas are already enabled on the filesystem or the daemo
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
@@ -28,9 +27,9 @@ import btrfsutil
 from snapdriver.errors import (
     BackendError,
     ConfigError,
-    NoSpaceError,
     QuotaNotSupportedError,
     SnapdriverError,
+    storage_error,
 )
 from snapdriver.hookspec import BackendConfig, CreateRequest, hookimpl
 from snapdriver.hostfs import mount_of
@@ -264,9 +263,7 @@ class BtrfsBackend:
 
 def _error(err: btrfsutil.BtrfsUtilError, what: str) -> SnapdriverError:
     """A full filesystem or quota as :class:`NoSpaceError` (the core says which layer)."""
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpaceError(f"{os.strerror(err.errno).lower()}: {what}")
-    return BackendError(f"{what}: {err}")
+    return storage_error(err.errno or 0, what, str(err))
 
 
 def _delete_tree(path: Path) -> list[int]:

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from snapdriver.errors import BackendError, ConfigError
+from snapdriver.errors import BackendError, ConfigError, SnapdriverError, storage_error
 from snapdriver.hookspec import BackendConfig, CreateRequest, Finding, hookimpl
 from snapdriver.hostfs import mount_of
 from snapdriver.layers.changes import Change
@@ -50,6 +50,8 @@ HOME = "snapdriver:home"
 TRASH_PREFIX = "_removed."
 #: Seconds to wait between tries to destroy a busy dataset (about 1.5 s in all).
 BUSY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8)
+#: Seconds between looks at the pool's ``freeing`` while Reclaim waits (each look is a process).
+FREEING_POLL = 0.1
 DEV_ZFS = "/dev/zfs"
 
 
@@ -143,6 +145,33 @@ class ZfsBackend:
         if self._root is not None:
             self._collect_trash()
 
+    @hookimpl
+    def snapdriver_reclaim(self, timeout: float) -> None:
+        """Wait until the pool has freed what destroyed datasets held (``freeing`` is 0).
+
+        A destroy returns once its transaction group committed: a quota sees the space again
+        then, but the pool's free space grows only as a background task releases the blocks
+        (``async_destroy``), over later transaction groups.
+        """
+        pool = self.root.split("/")[0]
+        deadline = time.monotonic() + timeout
+        try:
+            freeing = self._zfs.pool_freeing(pool)
+            while freeing and time.monotonic() < deadline:
+                time.sleep(FREEING_POLL)
+                freeing = self._zfs.pool_freeing(pool)
+        except ZfsError as err:
+            log.warning("cannot wait for pool %s to free destroyed datasets: %s", pool, err)
+            return
+        if freeing:
+            log.warning(
+                "pool %s is still freeing %d bytes of destroyed datasets after %.0f s; "
+                "replying anyway (the space comes back as ZFS frees it)",
+                pool,
+                freeing,
+                timeout,
+            )
+
     # -- layers ----------------------------------------------------------------------------------
 
     @hookimpl
@@ -159,7 +188,7 @@ class ZfsBackend:
             else:
                 self._clone(request.parent, request.layer, props)
         except ZfsError as err:
-            raise BackendError(f"cannot create layer dataset {dataset}: {err}") from err
+            raise _error(err, f"cannot create layer dataset {dataset}") from err
 
     def _clone(self, parent: str, layer: str, props: Mapping[str, PropValue]) -> None:
         origin = f"{self.dataset(parent)}@{layer}"
@@ -225,7 +254,7 @@ class ZfsBackend:
             else:
                 log.warning("not destroying %s: no %s=%s property", dataset, OWNER, layer)
         except ZfsError as err:
-            raise BackendError(f"cannot remove layer dataset {dataset}: {err}") from err
+            raise _error(err, f"cannot remove layer dataset {dataset}") from err
         self._drop_mount_dir(layer)
 
     def _remove_dataset(self, layer: str, found: Dataset) -> None:
@@ -338,7 +367,7 @@ class ZfsBackend:
             if self._zfs.get(dataset, "readonly").get("readonly") != "on":
                 self._zfs.set(dataset, {"readonly": "on"})
         except ZfsError as err:
-            raise BackendError(f"cannot make {dataset} read-only: {err}") from err
+            raise _error(err, f"cannot make {dataset} read-only") from err
 
     @hookimpl
     def snapdriver_layers(self) -> Sequence[str]:
@@ -532,3 +561,8 @@ def _claim_root(zfs: Zfs, root: str, home: Path) -> None:
 
 def _split_list(value: str) -> list[str]:
     return [item for item in value.split(",") if item and item != "-"]
+
+
+def _error(err: ZfsError, what: str) -> SnapdriverError:
+    """A full pool or quota as :class:`NoSpaceError` (the core says which layer)."""
+    return storage_error(err.no_space, what, str(err))

@@ -25,6 +25,14 @@ PropValue = str | int
 
 _BUSY_TEXT = ("dataset is busy", "resource busy", "pool or dataset is busy")
 _MISSING_TEXT = ("does not exist", "no such pool or dataset", "could not find any snapshots")
+#: How messages say ENOSPC or EDQUOT: the CLI (libzfs) prints both as "out of space", errors it
+#: passes through are strerror's words, and pyzfs's compound errors carry "No space left" or
+#: "Quota exceeded" per snapshot without an errno of their own.
+_NO_SPACE_TEXT = {
+    "quota exceeded": errno.EDQUOT,
+    "out of space": errno.ENOSPC,
+    "no space left": errno.ENOSPC,
+}
 
 
 class ZfsError(Exception):
@@ -41,6 +49,15 @@ class ZfsError(Exception):
     @property
     def missing(self) -> bool:
         return self.code == errno.ENOENT or any(t in str(self).lower() for t in _MISSING_TEXT)
+
+    @property
+    def no_space(self) -> int:
+        """ENOSPC or EDQUOT if the pool or a quota is full (pyzfs's errno, or the CLI's text);
+        else 0."""
+        if self.code:
+            return self.code if self.code in (errno.ENOSPC, errno.EDQUOT) else 0
+        text = str(self).lower()
+        return next((code for words, code in _NO_SPACE_TEXT.items() if words in text), 0)
 
 
 @dataclass
@@ -190,18 +207,30 @@ class Zfs:
         stderr = proc.stderr.decode(errors="replace").strip()
         return DiffOutput(proc.returncode, proc.stdout, stderr)
 
-    def pool_health(self, pool: str) -> str:
-        """``zpool list -o health``: ONLINE, DEGRADED, ..."""
+    def zpool(self, *args: str) -> str:
+        """Run ``zpool ARGS`` (the one beside ``zfs``, if there is one); stdout, or ZfsError."""
         zpool = os.path.join(os.path.dirname(self.command), "zpool")
         proc = subprocess.run(
-            [zpool if os.path.exists(zpool) else "zpool", "list", "-H", "-o", "health", pool],
+            [zpool if os.path.exists(zpool) else "zpool", *args],
             capture_output=True,
             text=True,
             check=False,
         )
         if proc.returncode != 0:
-            raise ZfsError(proc.stderr.strip() or f"zpool list exited with {proc.returncode}")
-        return proc.stdout.strip()
+            raise ZfsError(proc.stderr.strip() or f"zpool {args[0]} exited with {proc.returncode}")
+        return proc.stdout
+
+    def pool_health(self, pool: str) -> str:
+        """``zpool list -o health``: ONLINE, DEGRADED, ..."""
+        return self.zpool("list", "-H", "-o", "health", pool).strip()
+
+    def pool_freeing(self, pool: str) -> int:
+        """Bytes of destroyed datasets the pool is still freeing in the background."""
+        value = self.zpool("get", "-H", "-p", "-o", "value", "freeing", pool).strip()
+        try:
+            return int(value)
+        except ValueError:
+            raise ZfsError(f"zpool get freeing {pool}: not a number: {value!r}") from None
 
     # -- writing -----------------------------------------------------------------------------
 
