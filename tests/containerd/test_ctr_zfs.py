@@ -17,7 +17,7 @@ import pytest
 from snapdriver_zfs.testing import everything_below, mounts_below, scratch_root, skip_without_zfs
 
 from snapdriver.containerd.proto import mount_pb2
-from snapdriver.testing.containerd import Front, code_of
+from snapdriver.testing.containerd import Front, code_of, mount, umount
 
 pytestmark = [pytest.mark.zfs, pytest.mark.slow]
 Code = grpc.StatusCode
@@ -65,17 +65,6 @@ def mnt(tmp_path: Path) -> Iterator[Path]:
     target.mkdir()
     yield target
     subprocess.run(["umount", str(target)], check=False, capture_output=True)
-
-
-def mount(mounts: list[mount_pb2.Mount], target: Path) -> None:
-    """Mount a snapshot's one bind mount, read-only if its options say so."""
-    (spec,) = mounts
-    assert spec.type == "bind"
-    subprocess.run(["mount", "-o", ",".join(spec.options), spec.source, str(target)], check=True)
-
-
-def umount(target: Path) -> None:
-    subprocess.run(["umount", str(target)], check=True)
 
 
 def dataset_of(mounts: list[mount_pb2.Mount]) -> str:
