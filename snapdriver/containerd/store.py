@@ -131,16 +131,24 @@ class KeyStore:
             self._db.execute("PRAGMA locking_mode=EXCLUSIVE")  # before WAL: no -shm file
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            with self._tx() as db:
-                # One statement at a time: executescript() would commit on its own.
-                for statement in filter(str.strip, _SCHEMA.split(";")):
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if not self._has_schema():  # only a new store is written at open: a full disk
+                self._create_schema()  # must not keep a front from starting
         except sqlite3.OperationalError as err:
             self._db.close()
             raise ConfigError(
                 f"cannot open {self.path}: {err} (is another snapdriver serving this root?)"
             ) from err
+
+    def _has_schema(self) -> bool:
+        query = "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'snapshots'"
+        return bool(self._db.execute(query).fetchone()[0])
+
+    def _create_schema(self) -> None:
+        with self._tx() as db:
+            # One statement at a time: executescript() would commit on its own.
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         """Write deletions still pending if there is space now, then close."""

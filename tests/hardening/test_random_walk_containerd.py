@@ -306,8 +306,8 @@ class Walk(ModelWalk):
         self.env.client.close()
         front = self.env.storage.front
         front.kill()
+        self.env.client = front.client()  # dials at its first call, after the start
         front.start()  # as containerd finds it: its next call dials again
-        self.env.client = front.client()
         self.counts["kills"] += 1
         self.last["kill"] = self.step
 
