@@ -33,7 +33,7 @@ from pathlib import Path
 import grpc
 import pytest
 from hypothesis import strategies as st
-from hypothesis.stateful import invariant, precondition, rule
+from hypothesis.stateful import initialize, invariant, precondition, rule
 from snapdriver_zfs.testing import scratch_root, skip_without_zfs
 
 from snapdriver.containerd.proto import mount_pb2
@@ -160,6 +160,17 @@ class Walk(ModelWalk):
         return {label: data.draw(st.sampled_from(["x", "y z"])) for label in chosen}
 
     # -- rules
+
+    @initialize(data=st.data())
+    def pulled(self, data: st.DataObject) -> None:
+        """Each sequence starts from an image layer, unpacked and committed: short sequences
+        (hypothesis tries many) would otherwise hold few snapshots to check."""
+        key, name = self.key(), self.key()
+        self.client.prepare(key)
+        self.snaps[key] = Snap("active", "", {})
+        self.write_through(key, data)
+        self.client.commit(name, key)
+        self.snaps[name] = Snap("committed", "", {}, self.snaps.pop(key).content)
 
     @precondition(can_make)
     @rule(data=st.data(), with_parent=st.booleans(), unpack=st.booleans())
