@@ -15,10 +15,11 @@ INVALID_ARGUMENT, ALREADY_EXISTS, NOT_FOUND); while the disk is full a call that
 may fail, only with RESOURCE_EXHAUSTED, and then change nothing.
 
 Budget: ``SNAPDRIVER_WALK_EXAMPLES`` sequences of up to ``SNAPDRIVER_WALK_STEPS`` steps
-(defaults 10 and 40 on btrfs; 2 and 20 on ZFS, about 8 guest minutes in the lab, most of it the
-front's restarts). Derandomized unless ``SNAPDRIVER_WALK_SEED`` is set; a failure prints
-hypothesis's ``@reproduce_failure`` blob, the seed and the front's log. On ZFS the disk-full rules
-are off (said in the figure): the zfs backend does not map a full pool to no-space errors yet.
+(defaults 10 and 40 on btrfs, ~3-5 min on the host; 2 and 15 on ZFS, ~6 guest minutes in the
+lab, most of it the front's restarts at ~20 s each). Derandomized unless ``SNAPDRIVER_WALK_SEED``
+is set; a failure prints hypothesis's ``@reproduce_failure`` blob, the seed and the front's log.
+On ZFS the disk-full rules are off (said in the figure): the zfs backend does not map a full pool
+to no-space errors yet.
 """
 
 from __future__ import annotations
