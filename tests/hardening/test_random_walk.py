@@ -39,7 +39,7 @@ from snapdriver.testing.loopfs import can_make_loop_filesystems, loop_filesystem
 from snapdriver.testing.process import ForkedPluginProcess
 from tests.conftest import skip_tier
 from tests.hardening.walk import (
-    NO_FULL_DISK_ON_ZFS,
+    BACKENDS,
     NO_SPACE,
     Content,
     Entry,
@@ -369,13 +369,7 @@ def backend_storage(backend: str, scratch: Path) -> Iterator[Storage]:
         yield Storage(scratch, [f"zfs.fsname={root}"], datasets_in(root), None)
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        pytest.param("btrfs", marks=pytest.mark.btrfs),
-        pytest.param("zfs", marks=pytest.mark.zfs),
-    ],
-)
+@pytest.fixture(scope="module", params=BACKENDS)
 def walk_env(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Env]:
@@ -399,12 +393,11 @@ def walk_env(
 def test_random_walk(walk_env: Env, figure: Callable[[str], None]) -> None:
     Walk.env = walk_env
     backend = walk_env.backend
-    note = "" if walk_env.storage.free else NO_FULL_DISK_ON_ZFS
     run_walk(
         Walk,
         budget(*BUDGETS[backend]),
         figure,
         f"RANDOM WALK (graphdriver, {backend})",
         log_tail=lambda: walk_env.plugin.process.log_tail(60),
-        note=note,
+        disk_full=walk_env.storage.free is not None,
     )

@@ -50,7 +50,7 @@ from snapdriver.testing.containerd import (
 from snapdriver.testing.loopfs import can_make_loop_filesystems, loop_filesystem
 from tests.conftest import skip_tier
 from tests.hardening.walk import (
-    NO_FULL_DISK_ON_ZFS,
+    BACKENDS,
     Content,
     MiB,
     ModelWalk,
@@ -415,13 +415,7 @@ def front_storage(backend: str, scratch: Path) -> Iterator[Storage]:
         yield Storage(backend, front, datasets_in(root), None)
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        pytest.param("btrfs", marks=pytest.mark.btrfs),
-        pytest.param("zfs", marks=pytest.mark.zfs),
-    ],
-)
+@pytest.fixture(scope="module", params=BACKENDS)
 def walk_env(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Env]:
@@ -442,12 +436,11 @@ def walk_env(
 def test_random_walk_containerd(walk_env: Env, figure: Callable[[str], None]) -> None:
     Walk.env = walk_env
     backend = walk_env.storage.backend
-    note = "" if walk_env.storage.free else NO_FULL_DISK_ON_ZFS
     run_walk(
         Walk,
         budget(*BUDGETS[backend]),
         figure,
         f"RANDOM WALK (containerd front, {backend})",
         log_tail=lambda: walk_env.storage.front.log_tail(60),
-        note=note,
+        disk_full=walk_env.storage.free is not None,
     )

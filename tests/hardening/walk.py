@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, run_state_machine_as_test
@@ -36,6 +37,11 @@ SEED = os.environ.get("SNAPDRIVER_WALK_SEED")
 SPACING = 5  # steps between kills, and between disk fills
 NAMES = ("a", "b", "c")
 NO_SPACE = "no space left on device"
+#: The backends a walk runs on: btrfs on the host, ZFS in the lab.
+BACKENDS = [
+    pytest.param("btrfs", marks=pytest.mark.btrfs),
+    pytest.param("zfs", marks=pytest.mark.zfs),
+]
 #: Said in the figure of a walk on ZFS, whose disk-full rules are off.
 NO_FULL_DISK_ON_ZFS = (
     "; DISK FULL NOT TESTED on zfs: the zfs backend does not map a full pool to its no-space "
@@ -332,10 +338,10 @@ def run_walk(
     title: str,
     *,
     log_tail: Callable[[], str],
-    note: str = "",
+    disk_full: bool,
 ) -> None:
     """Run the walk within ``budget`` (sequences, steps); report its figures under ``title``,
-    with ``note`` (what this run could not test) at the end."""
+    and say so loudly if the disk-full rules were off."""
     counts: Counter[str] = Counter()
     machine.counts = counts
     factory = seed(int(SEED))(machine) if SEED is not None else machine
@@ -363,5 +369,6 @@ def run_walk(
         f"whiteouts and {counts['opaques that emptied a directory']} opaque directories that "
         f"removed something), {counts['kills']} kills, {counts['disk-full errors']} disk-full "
         f"errors, 0 layers lost or changed in {counts['layer checks']} layer checks "
-        f"({time.monotonic() - started:.0f} s, seed {SEED or 'derandomized'}){note}"
+        f"({time.monotonic() - started:.0f} s, seed {SEED or 'derandomized'})"
+        f"{'' if disk_full else NO_FULL_DISK_ON_ZFS}"
     )
