@@ -165,10 +165,11 @@ class LayerStore:
             return sorted(self._records.values(), key=lambda r: r.created)
 
     def children(self, layer: str) -> list[str]:
-        # Indexed on disk, and parents never change: no scan of every record in memory.
+        # Indexed on disk, and parents never change: no scan of every record in memory. A child
+        # whose deletion is not written yet (a full disk) is gone already.
         with self._lock:
             rows = self._db.execute("SELECT id FROM layers WHERE parent = ?", (layer,)).fetchall()
-        return [r[0] for r in rows]
+            return [r[0] for r in rows if r[0] not in self._pending_deletes]
 
     def add(self, layer: str, parent: str | None, quota: int | None) -> None:
         """Record a new layer as ``creating`` (replacing any record of the same ID)."""
