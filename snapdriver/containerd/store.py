@@ -16,9 +16,11 @@ Labels with an empty value are never stored: containerd drops them too, and that
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,9 +33,12 @@ from snapdriver.errors import (
     LayerBusyError,
     LayerExistsError,
     LayerNotFoundError,
+    NoSpaceError,
     RequestError,
 )
+from snapdriver.layers.state import sqlite_no_space
 
+log = logging.getLogger(__name__)
 DB_NAME = "containerd-snapshots.db"
 SCHEMA_VERSION = 1
 #: Seconds to wait for the database lock before refusing to start.
@@ -117,39 +122,64 @@ class KeyStore:
 
     def __init__(self, root: Path) -> None:
         self.path = root / DB_NAME
+        #: Keys deleted while the disk was full: gone for every read, written with the next
+        #: transaction that gets space.
+        self._pending: set[str] = set()
         # A short wait: the lock is only ever held by another front on the same root.
         self._db = sqlite3.connect(self.path, isolation_level=None, timeout=LOCK_WAIT)
         try:
             self._db.execute("PRAGMA locking_mode=EXCLUSIVE")  # before WAL: no -shm file
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            with self._tx() as db:
-                # One statement at a time: executescript() would commit on its own.
-                for statement in filter(str.strip, _SCHEMA.split(";")):
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if not self._has_schema():  # only a new store is written at open: a full disk
+                self._create_schema()  # must not keep a front from starting
         except sqlite3.OperationalError as err:
             self._db.close()
             raise ConfigError(
                 f"cannot open {self.path}: {err} (is another snapdriver serving this root?)"
             ) from err
 
+    def _has_schema(self) -> bool:
+        query = "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'snapshots'"
+        return bool(self._db.execute(query).fetchone()[0])
+
+    def _create_schema(self) -> None:
+        with self._tx() as db:
+            # One statement at a time: executescript() would commit on its own.
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
     def close(self) -> None:
+        """Write deletions still pending if there is space now, then close."""
+        if self._pending:
+            with contextlib.suppress(NoSpaceError), self._tx():
+                pass
         self._db.close()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+        """One committed transaction, pending deletions first; a failure rolls it all back and
+        raises :class:`NoSpaceError` when the filesystem is full."""
         try:
+            self._db.execute("BEGIN IMMEDIATE")
+            if self._pending:
+                pending = [(key,) for key in self._pending]
+                self._db.executemany("DELETE FROM snapshots WHERE key = ?", pending)
             yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
+            self._db.execute("COMMIT")
+        except BaseException as err:
+            if self._db.in_transaction:  # a failed COMMIT can leave it open
+                self._db.execute("ROLLBACK")
+            if isinstance(err, sqlite3.Error) and sqlite_no_space(err):
+                raise NoSpaceError(f"no space left on device: cannot write {self.path}") from err
             raise
-        self._db.execute("COMMIT")
+        self._pending.clear()
 
     def _select(self, where: str = "", args: Sequence[object] = ()) -> list[Snapshot]:
         query = f"SELECT {_COLUMNS} FROM snapshots {where}"
-        return [_snapshot(row) for row in self._db.execute(query, tuple(args))]
+        rows = self._db.execute(query, tuple(args))
+        return [_snapshot(row) for row in rows if row[0] not in self._pending]
 
     def get(self, key: str) -> Snapshot | None:
         found = self._select("WHERE key = ?", (key,))
@@ -166,7 +196,7 @@ class KeyStore:
 
     def children(self, key: str) -> list[str]:
         rows = self._db.execute("SELECT key FROM snapshots WHERE parent = ?", (key,))
-        return [row[0] for row in rows]
+        return [row[0] for row in rows if row[0] not in self._pending]
 
     def insert(self, snapshot: Snapshot) -> Snapshot:
         """Add a new snapshot; LayerExistsError if its key is taken."""
@@ -231,5 +261,16 @@ class KeyStore:
             db.execute(f"INSERT INTO snapshots ({_COLUMNS}) VALUES (?,?,?,?,?,?,?)", _row(snapshot))
 
     def delete(self, key: str) -> None:
-        with self._tx() as db:
-            db.execute("DELETE FROM snapshots WHERE key = ?", (key,))
+        """Forget ``key``; never fails for want of space.
+
+        A Remove deletes the row after its layer is gone, and removing is how space is made: on
+        a full filesystem the key is forgotten in memory now and on disk with the next
+        transaction that gets space (at :meth:`close` at the latest). A crash before then leaves
+        the row, whose layer is gone, for start-up to drop.
+        """
+        try:
+            with self._tx() as db:
+                db.execute("DELETE FROM snapshots WHERE key = ?", (key,))
+        except NoSpaceError as err:
+            log.warning("deletion of snapshot %r is written later: %s", key, err)
+            self._pending.add(key)

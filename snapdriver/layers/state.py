@@ -101,7 +101,7 @@ class LayerStore:
             rows = self._db.execute(f"SELECT {_COLUMNS} FROM layers").fetchall()
         except sqlite3.Error as err:
             self._db.close()
-            if _no_space(err):
+            if sqlite_no_space(err):
                 raise NoSpaceError(_no_space_message(err, "open", self.path)) from err
             raise
         self._records = {row[0]: _record(row) for row in rows}
@@ -151,7 +151,7 @@ class LayerStore:
                     self._db.execute("ROLLBACK")
                 except sqlite3.Error as rollback_err:
                     log.warning("rollback of the layer record failed: %s", rollback_err)
-            if isinstance(err, sqlite3.Error) and _no_space(err):
+            if isinstance(err, sqlite3.Error) and sqlite_no_space(err):
                 raise NoSpaceError(_no_space_message(err, "write", self.path)) from err
             raise
         self._pending_deletes.clear()
@@ -165,10 +165,11 @@ class LayerStore:
             return sorted(self._records.values(), key=lambda r: r.created)
 
     def children(self, layer: str) -> list[str]:
-        # Indexed on disk, and parents never change: no scan of every record in memory.
+        # Indexed on disk, and parents never change: no scan of every record in memory. A child
+        # whose deletion is not written yet (a full disk) is gone already.
         with self._lock:
             rows = self._db.execute("SELECT id FROM layers WHERE parent = ?", (layer,)).fetchall()
-        return [r[0] for r in rows]
+            return [r[0] for r in rows if r[0] not in self._pending_deletes]
 
     def add(self, layer: str, parent: str | None, quota: int | None) -> None:
         """Record a new layer as ``creating`` (replacing any record of the same ID)."""
@@ -260,7 +261,7 @@ class LayerStore:
 _SQLITE_FULL, _SQLITE_IOERR = 13, 10
 
 
-def _no_space(err: sqlite3.Error) -> bool:
+def sqlite_no_space(err: sqlite3.Error) -> bool:
     """A write refused for want of space.
 
     On a full filesystem SQLite says SQLITE_FULL, or SQLITE_IOERR where the failing call was an

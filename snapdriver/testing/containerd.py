@@ -201,6 +201,31 @@ class Front:
             return "(no log)"
 
 
+def mount(mounts: Sequence[mount_pb2.Mount], target: Path) -> None:
+    """Mount a snapshot's one bind mount at ``target``, as containerd would (read-only if its
+    options say so)."""
+    (spec,) = mounts
+    assert spec.type == "bind"
+    subprocess.run(["mount", "-o", ",".join(spec.options), spec.source, str(target)], check=True)
+
+
+def umount(target: Path) -> None:
+    subprocess.run(["umount", str(target)], check=True)
+
+
+def remove_everything(client: Client) -> None:
+    """Remove every snapshot, leaves first, so nothing is left behind."""
+    for _ in range(100):
+        infos = client.list()
+        if not infos:
+            return
+        parents = {info.parent for info in infos}
+        for info in infos:
+            if info.name not in parents:
+                client.remove(info.name)
+    pytest.fail("snapshots left after 100 rounds of removal")
+
+
 #: Unix socket paths hold at most this many bytes (sun_path less its NUL).
 MAX_SOCKET_PATH = 107
 #: Where private containerds keep their state and sockets: short, so socket paths fit.

@@ -8,20 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from snapdriver.testing.containerd import Client, Front
-
-
-def remove_everything(client: Client) -> None:
-    """Remove every snapshot, leaves first, so the test leaves no subvolume behind."""
-    for _ in range(100):
-        infos = client.list()
-        if not infos:
-            return
-        parents = {info.parent for info in infos}
-        for info in infos:
-            if info.name not in parents:
-                client.remove(info.name)
-    pytest.fail("snapshots left after 100 rounds of removal")
+from snapdriver.testing.containerd import Front, remove_everything
 
 
 @pytest.fixture

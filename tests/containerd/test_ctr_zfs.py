@@ -17,7 +17,7 @@ from snapdriver_zfs.testing import dataset_mounts, everything_below, scratch_roo
 
 from snapdriver.containerd.proto import mount_pb2
 from snapdriver.hostfs import mount_of
-from snapdriver.testing.containerd import Front, code_of
+from snapdriver.testing.containerd import Front, code_of, mount, umount
 
 pytestmark = [pytest.mark.zfs, pytest.mark.slow]
 Code = grpc.StatusCode
@@ -50,17 +50,6 @@ def mnt(tmp_path: Path) -> Iterator[Path]:
     target.mkdir()
     yield target
     subprocess.run(["umount", str(target)], check=False, capture_output=True)
-
-
-def mount(mounts: list[mount_pb2.Mount], target: Path) -> None:
-    """Mount a snapshot's one bind mount, read-only if its options say so."""
-    (spec,) = mounts
-    assert spec.type == "bind"
-    subprocess.run(["mount", "-o", ",".join(spec.options), spec.source, str(target)], check=True)
-
-
-def umount(target: Path) -> None:
-    subprocess.run(["umount", str(target)], check=True)
 
 
 def dataset_of(mounts: list[mount_pb2.Mount]) -> str:
