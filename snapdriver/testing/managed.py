@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from snapdriver.testing.lab import keys as lab_keys
 from snapdriver.testing.loopfs import unmount_below
 
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -46,36 +47,8 @@ class BuildError(RuntimeError):
 
 
 def host_mirror(suite: str = SUITE, sources: Path = Path("/etc/apt")) -> str:
-    """The first URI of the host's apt source for ``suite`` (deb822 first, as vagrant/lab)."""
-    for path in sorted((sources / "sources.list.d").glob("*.sources")):
-        for stanza in path.read_text().split("\n\n"):
-            fields = _deb822(stanza)
-            if suite in fields.get("Suites", "").split() and fields.get("URIs"):
-                return fields["URIs"].split()[0]
-    one_line = [sources / "sources.list", *sorted((sources / "sources.list.d").glob("*.list"))]
-    for path in one_line:
-        if path.is_file():
-            found = _one_line_mirror(path.read_text(), suite)
-            if found:
-                return found
-    return FALLBACK_MIRROR
-
-
-def _deb822(stanza: str) -> dict[str, str]:
-    fields: dict[str, str] = {}
-    for line in stanza.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and not line.startswith((" ", "\t", "#")):
-            fields[key.strip()] = value.strip()
-    return fields
-
-
-def _one_line_mirror(text: str, suite: str) -> str | None:
-    for line in text.splitlines():
-        words = [w for w in line.split() if not (w.startswith("[") or w.endswith("]"))]
-        if len(words) >= 3 and words[0] == "deb" and words[2] == suite:
-            return words[1]
-    return None
+    """The host's apt mirror for ``suite``, read as the lab reads it, else Debian's own."""
+    return lab_keys.host_mirror(suite, sources) or FALLBACK_MIRROR
 
 
 def base_key(mirror: str, suite: str = SUITE, packages: Sequence[str] = PACKAGES) -> str:
