@@ -362,16 +362,24 @@ class Core:
             await self._unmount(layer)
         await asyncio.to_thread(self.backend.remove, layer)
         self.store.delete(layer)
-        if self.store.deletions_pending() or self._space_low():
+        if self.store.deletions_pending() or await asyncio.to_thread(self._space_low):
             await self._after_full_disk_removal()
 
     def _space_low(self) -> bool:
-        """The record's filesystem (the layers', for btrfs) is short of space."""
+        """Where layer data goes is short of space (the backend says where; else the record's
+        filesystem, which is the layers' for btrfs)."""
         try:
-            st = os.statvfs(self.store.path)
-        except OSError:
-            return False
-        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+            space = self.backend.free_space()
+        except SnapdriverError as err:
+            log.warning("cannot tell the free space of the layers: %s", err)
+            space = None
+        if space is None:
+            try:
+                st = os.statvfs(self.store.path)
+            except OSError:
+                return False
+            space = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        free, total = space
         return free < max(LOW_SPACE_BYTES, total * LOW_SPACE_FRACTION)
 
     async def _after_full_disk_removal(self) -> None:

@@ -234,6 +234,19 @@ def snapdriver_doctor(config: BackendConfig) -> list[Finding]:
     raise NotImplementedError
 
 
+@hookspec(firstresult=True)
+def snapdriver_free_space() -> tuple[int, int] | None:
+    """``(free, total)`` bytes where new layer data goes, or None when it cannot be told.
+
+    The core asks after every removal: when space is short it waits for the removed layer's
+    space (``snapdriver_reclaim``) before it replies, so a user who removes images to make room
+    finds the room there. Optional: without it the core measures the filesystem of its layer
+    record (the Home), which is right for a backend that keeps its layers there (btrfs) and
+    wrong for one that does not (ZFS: a pool, while the Home is a host directory).
+    """
+    raise NotImplementedError
+
+
 @hookspec
 def snapdriver_reclaim(timeout: float) -> None:
     """Return once the space of the layers removed so far is free again, or after ``timeout`` s.

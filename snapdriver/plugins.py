@@ -118,6 +118,10 @@ class Backend:
     def reclaim(self, timeout: float) -> None:
         self._hook.snapdriver_reclaim(timeout=timeout)
 
+    def free_space(self) -> tuple[int, int] | None:
+        found = self._hook.snapdriver_free_space()
+        return None if found is None else (int(found[0]), int(found[1]))
+
     def doctor(self, config: BackendConfig) -> list[Finding]:
         return [found for each in self._hook.snapdriver_doctor(config=config) for found in each]
 

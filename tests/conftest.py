@@ -112,6 +112,9 @@ def zfs_leaks() -> dict[str, list[str]]:
         done = subprocess.run(["zfs", "list", "-H", root], capture_output=True, check=False)
         if done.returncode == 0:
             left["datasets"].append(root)
+    for pool in zfs_testing.POOLS:
+        done = subprocess.run(["zpool", "list", "-H", pool], capture_output=True, check=False)
+        left.setdefault("pools", []).extend([pool] if done.returncode == 0 else [])
     return left
 
 

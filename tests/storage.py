@@ -2,10 +2,10 @@
 
 The tiers are parametrized over both by the ``backend`` and ``space`` fixtures
 (tests/conftest.py); a tier that needs a small filesystem opens its own :func:`open_space` with a
-size. A small btrfs is a loop image of that size; a small ZFS is a root dataset with that
-``quota``, not a pool of that size: the lab's pool is shared by the whole ZFS tier, a quota fills
-only this root (writes get EDQUOT, the same error path as ENOSPC), and a pool file of a few
-hundred MiB would spend most of itself on ZFS's slop space and metadata.
+size. A small btrfs is a loop image of that size; a small ZFS is a pool of its own on a file, as
+full as a host's pool gets (writes fail with ENOSPC), made bigger than asked by what ZFS keeps of
+a small pool for itself (:data:`ZFS_SLOP_MB`, :data:`ZFS_OVERHEAD`). The lab's main pool is
+shared by the whole ZFS tier and is never filled.
 """
 
 from __future__ import annotations
@@ -20,10 +20,13 @@ from pathlib import Path
 
 import pytest
 from snapdriver_zfs.backend import HOME
-from snapdriver_zfs.testing import everything_below, scratch_root, zfs
+from snapdriver_zfs.testing import everything_below, scratch_pool, scratch_root, zfs
 
 from snapdriver.testing.loopfs import loop_filesystem
 
+#: What ZFS keeps back of a small pool (its slop space, at least this), and the part of the
+#: device its metadata takes: a pool file sized by both leaves about the Space's size for layers.
+ZFS_SLOP_MB, ZFS_OVERHEAD = 128, 0.07
 #: The parametrization every backend-agnostic hardening tier shares.
 BACKENDS = [
     pytest.param("btrfs", marks=pytest.mark.btrfs),
@@ -55,10 +58,10 @@ class Space:
 
     @property
     def label(self) -> str:
-        """How the figures name it: ``btrfs``, ``btrfs 400 MiB``, ``zfs quota 400 MiB``."""
+        """How the figures name it: ``btrfs``, ``btrfs 400 MiB``, ``zfs pool 200 MiB``."""
         if self.size_mb is None:
             return self.backend
-        kind = "btrfs" if self.backend == "btrfs" else "zfs quota"
+        kind = "btrfs" if self.backend == "btrfs" else "zfs pool"
         return f"{kind} {self.size_mb} MiB"
 
     @property
@@ -116,7 +119,10 @@ def open_space(
         with loop_filesystem("btrfs", size_mb=size_mb) as mnt:
             yield Space("btrfs", str(mnt), mnt, size_mb)
         return
-    with scratch_root("full" if size_mb else "hard") as root:
-        if size_mb is not None:
-            zfs("set", f"quota={size_mb}M", root)
+    if size_mb is None:
+        with scratch_root("hard") as root:
+            yield Space("zfs", root, homes, None)
+        return
+    pool_mb = round((size_mb + ZFS_SLOP_MB) * (1 + ZFS_OVERHEAD))
+    with scratch_pool(pool_mb, homes) as pool, scratch_root("full", pool) as root:
         yield Space("zfs", root, homes, size_mb)

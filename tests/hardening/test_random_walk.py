@@ -14,8 +14,8 @@ Budget: ``SNAPDRIVER_WALK_EXAMPLES`` sequences of up to ``SNAPDRIVER_WALK_STEPS`
 (defaults 12 and 50 on btrfs, ~7 min on the host; 1 and 20 on ZFS, ~6 guest minutes in the lab:
 2 and 20 ran 3 sequences, 40 steps in 712 s there, with a host run beside it). Derandomized
 unless ``SNAPDRIVER_WALK_SEED`` is set; a failure prints hypothesis's ``@reproduce_failure`` blob
-and the seed. On ZFS the disk-full rules are off (said in the figure): the zfs backend does not
-map a full pool to its no-space errors yet.
+and the seed. The disk that fills is the walk's own: a btrfs loop image, or on ZFS a pool on a
+file (ENOSPC when full, as on a host).
 """
 
 from __future__ import annotations
@@ -31,16 +31,13 @@ from typing import Any
 import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import invariant, precondition, rule
-from snapdriver_zfs.testing import scratch_root, skip_without_zfs
 
 from snapdriver.graphdriver.client import PluginCallError
 from snapdriver.testing.conformance import Plugin
-from snapdriver.testing.loopfs import can_make_loop_filesystems, loop_filesystem
 from snapdriver.testing.process import ForkedPluginProcess
-from tests.conftest import skip_tier
 from tests.hardening.walk import (
-    BACKENDS,
     NO_SPACE,
+    SIZE_MB,
     Content,
     Entry,
     MiB,
@@ -50,18 +47,17 @@ from tests.hardening.walk import (
     budget,
     build_tar,
     check_changes,
-    datasets_in,
     fill,
-    free_space,
+    given_back,
     parse_tar,
     read_tree,
     run_walk,
-    subvolumes_in,
+    walk_space,
     write_entries,
 )
+from tests.storage import BACKENDS, Space, Storage
 
 pytestmark = pytest.mark.slow
-SIZE_MB = 256
 MAX_LAYERS = 10
 #: (sequences, steps) by backend: a ZFS step costs ~10x a btrfs one under the lab's emulation.
 BUDGETS = {"btrfs": (12, 50), "zfs": (1, 20)}
@@ -75,20 +71,12 @@ class Layer:
 
 
 @dataclass
-class Storage:
-    home: Path
-    options: list[str]  # Init's
-    #: Every name the backend keeps storage under (layer IDs).
-    stored: Callable[[], list[str]]
-    #: The filesystem's free bytes, where the walk may fill it; None: the disk-full rules are off.
-    free: Callable[[], int] | None
-
-
-@dataclass
 class Env:
     backend: str
     plugin: Plugin
     storage: Storage
+    space: Space
+    room: int  # the space's free bytes while empty
 
 
 def new_id() -> str:
@@ -127,10 +115,6 @@ class Walk(ModelWalk):
         choices = [k for k, v in self.layers.items() if which is None or which(k, v)]
         return data.draw(st.sampled_from(choices))
 
-    def free_bytes(self) -> int:
-        assert self.env.storage.free is not None
-        return self.env.storage.free()
-
     # -- rules
 
     def can_write(self) -> bool:
@@ -138,7 +122,7 @@ class Walk(ModelWalk):
         return self.filler is None and len(self.layers) < MAX_LAYERS
 
     def can_fill(self) -> bool:
-        return self.env.storage.free is not None and self.filler is None and self.spaced("full")
+        return self.filler is None and self.spaced("full")
 
     @precondition(can_write)
     @rule(data=st.data(), rw=st.booleans(), with_parent=st.booleans())
@@ -309,7 +293,7 @@ class Walk(ModelWalk):
         assert self.filler is not None
         self.call("Remove", ID=self.filler)
         self.filler = None
-        assert self.free_bytes() > SIZE_MB * MiB // 2, "Remove replied before space"
+        assert given_back(self.env.space, self.env.room), "Remove replied before space"
 
     @precondition(lambda self: self.can_write() and self.can_fill())
     @rule()
@@ -324,7 +308,7 @@ class Walk(ModelWalk):
         assert failed.value.message.startswith(expected), failed.value.message
         self.counts["disk-full errors"] += 1
         self.call("Remove", ID=layer)
-        assert self.free_bytes() > SIZE_MB * MiB // 2, "space not given back"
+        assert given_back(self.env.space, self.env.room), "space not given back"
         self.last["full"] = self.step
 
     # -- after every step
@@ -354,35 +338,21 @@ class Walk(ModelWalk):
         assert left == [], f"cannot remove {left}"
 
 
-@contextlib.contextmanager
-def backend_storage(backend: str, scratch: Path) -> Iterator[Storage]:
-    """Where ``backend`` keeps the walk's layers: a small btrfs of its own, or a ZFS root."""
-    if backend == "btrfs":
-        reason = can_make_loop_filesystems()
-        if reason:
-            skip_tier("btrfs", reason)
-        with loop_filesystem("btrfs", size_mb=SIZE_MB) as mnt:
-            yield Storage(mnt / "walk", [], subvolumes_in(mnt / "walk"), free_space(mnt))
-        return
-    skip_without_zfs()
-    with scratch_root("walk") as root:
-        yield Storage(scratch, [f"zfs.fsname={root}"], datasets_in(root), None)
-
-
 @pytest.fixture(scope="module", params=BACKENDS)
 def walk_env(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Env]:
     backend: str = request.param
-    with backend_storage(backend, tmp_path_factory.mktemp("walk-home")) as storage:
+    with walk_space(backend, tmp_path_factory.mktemp("walk-homes")) as (space, room):
+        storage = space.at(space.homes / "walk")
         # Forked, not exec'd: each restart would cost ~17 s of imports in the lab's guest.
         process = ForkedPluginProcess(backend, tmp_path_factory.mktemp("walk"))
         process.start()
         plugin = Plugin(process, storage.home)
         try:
-            init = {"Home": str(storage.home), "Opts": storage.options, "UIDMaps": None}
+            init = {"Home": str(storage.home), "Opts": storage.init_options, "UIDMaps": None}
             plugin.client.call("GraphDriver.Init", {**init, "GIDMaps": None})
-            yield Env(backend, plugin, storage)
+            yield Env(backend, plugin, storage, space, room)
             left = storage.stored()
             assert left == [], f"layers left after the walk: {left}"
         finally:
@@ -399,5 +369,4 @@ def test_random_walk(walk_env: Env, figure: Callable[[str], None]) -> None:
         figure,
         f"RANDOM WALK (graphdriver, {backend})",
         log_tail=lambda: walk_env.plugin.process.log_tail(60),
-        disk_full=walk_env.storage.free is not None,
     )

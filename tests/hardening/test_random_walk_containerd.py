@@ -18,8 +18,8 @@ Budget: ``SNAPDRIVER_WALK_EXAMPLES`` sequences of up to ``SNAPDRIVER_WALK_STEPS`
 (defaults 10 and 40 on btrfs, ~3-5 min on the host; 2 and 15 on ZFS, ~6 guest minutes in the
 lab, most of it the front's restarts at ~20 s each). Derandomized unless ``SNAPDRIVER_WALK_SEED``
 is set; a failure prints hypothesis's ``@reproduce_failure`` blob, the seed and the front's log.
-On ZFS the disk-full rules are off (said in the figure): the zfs backend does not map a full pool
-to no-space errors yet.
+Disk full is a small filesystem of the walk's own: a btrfs loop image, or on ZFS a pool on a file
+(ENOSPC, as on a host).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import grpc
 import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, precondition, rule
-from snapdriver_zfs.testing import scratch_root, skip_without_zfs
 
 from snapdriver.containerd.proto import mount_pb2
 from snapdriver.containerd.proto import snapshots_pb2 as pb
@@ -47,27 +46,23 @@ from snapdriver.testing.containerd import (
     remove_everything,
     umount,
 )
-from snapdriver.testing.loopfs import can_make_loop_filesystems, loop_filesystem
-from tests.conftest import skip_tier
 from tests.hardening.walk import (
-    BACKENDS,
     Content,
     MiB,
     ModelWalk,
     apply_entries,
     budget,
-    datasets_in,
     fill,
-    free_space,
+    given_back,
     read_tree,
     run_walk,
-    subvolumes_in,
+    walk_space,
     write_entries,
 )
+from tests.storage import BACKENDS, Space
 
 pytestmark = pytest.mark.slow
 Code = grpc.StatusCode
-SIZE_MB = 256
 MAX_SNAPSHOTS = 10
 #: (sequences, steps) by backend: a ZFS step costs ~10x a btrfs one under the lab's emulation.
 BUDGETS = {"btrfs": (10, 40), "zfs": (2, 15)}
@@ -86,12 +81,11 @@ class Snap:
 
 @dataclass
 class Storage:
-    backend: str
     front: ContainerdFront
     #: Every name the backend keeps storage under (layer IDs).
     stored: Callable[[], list[str]]
-    #: The filesystem's free bytes, where the walk may fill it; None: the disk-full rules are off.
-    free: Callable[[], int] | None
+    space: Space
+    room: int  # the space's free bytes while empty
 
 
 @dataclass
@@ -325,11 +319,7 @@ class Walk(ModelWalk):
 
     # -- disk full
 
-    def free_bytes(self) -> int:
-        assert self.env.storage.free is not None
-        return self.env.storage.free()
-
-    @precondition(lambda self: self.env.storage.free and self.can_make() and self.spaced("full"))
+    @precondition(lambda self: self.can_make() and self.spaced("full"))
     @rule()
     def fill_disk(self) -> None:
         """A container fills the filesystem through its snapshot's mount."""
@@ -360,7 +350,9 @@ class Walk(ModelWalk):
         assert self.filler is not None
         self.client.remove(self.filler)
         self.filler = None
-        assert self.free_bytes() > SIZE_MB * MiB // 2, "Remove replied before space"
+        assert given_back(self.env.storage.space, self.env.storage.room), (
+            "Remove replied before space"
+        )
 
     # -- after every step
 
@@ -397,22 +389,13 @@ class Walk(ModelWalk):
 
 @contextlib.contextmanager
 def front_storage(backend: str, scratch: Path) -> Iterator[Storage]:
-    """A front for ``backend``: on a small btrfs of its own, or on a ZFS root. Its socket and
-    log are in ``scratch``, off the filesystem the walk fills."""
-    socket = scratch / "walk.sock"
-    if backend == "btrfs":
-        reason = can_make_loop_filesystems()
-        if reason:
-            skip_tier("btrfs", reason)
-        with loop_filesystem("btrfs", size_mb=SIZE_MB) as mnt:
-            front = ContainerdFront(mnt / "front", socket)
-            yield Storage(backend, front, subvolumes_in(front.root), free_space(mnt))
-        return
-    skip_without_zfs()
-    with scratch_root("cwalk") as root:
-        program = [sys.executable, "-m", "snapdriver.containerd", "--dataset", root]
-        front = ContainerdFront(scratch / "front", socket, backend="zfs", program=program)
-        yield Storage(backend, front, datasets_in(root), None)
+    """A front for ``backend`` on a small btrfs or ZFS pool of its own. Its socket and log are
+    in ``scratch``, off the filesystem the walk fills; so is its root on ZFS (a host directory:
+    the layers are datasets)."""
+    with walk_space(backend, scratch) as (space, room):
+        program = [sys.executable, "-m", "snapdriver.containerd", *space.plugin_args]
+        front = ContainerdFront(space.homes / "front", scratch / "walk.sock", backend, program)
+        yield Storage(front, space.at(front.root).stored, space, room)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -435,12 +418,11 @@ def walk_env(
 
 def test_random_walk_containerd(walk_env: Env, figure: Callable[[str], None]) -> None:
     Walk.env = walk_env
-    backend = walk_env.storage.backend
+    backend = walk_env.storage.space.backend
     run_walk(
         Walk,
         budget(*BUDGETS[backend]),
         figure,
         f"RANDOM WALK (containerd front, {backend})",
         log_tail=lambda: walk_env.storage.front.log_tail(60),
-        disk_full=walk_env.storage.free is not None,
     )

@@ -15,6 +15,7 @@ and the front's log.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -26,27 +27,22 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, run_state_machine_as_test
-from snapdriver_zfs.testing import everything_below
+from snapdriver_zfs.testing import skip_without_zfs
+
+from snapdriver.testing.loopfs import can_make_loop_filesystems
+from tests.conftest import skip_tier
+from tests.storage import Space, open_space
 
 MiB = 1 << 20
 SEED = os.environ.get("SNAPDRIVER_WALK_SEED")
 SPACING = 5  # steps between kills, and between disk fills
 NAMES = ("a", "b", "c")
 NO_SPACE = "no space left on device"
-#: The backends a walk runs on: btrfs on the host, ZFS in the lab.
-BACKENDS = [
-    pytest.param("btrfs", marks=pytest.mark.btrfs),
-    pytest.param("zfs", marks=pytest.mark.zfs),
-]
-#: Said in the figure of a walk on ZFS, whose disk-full rules are off.
-NO_FULL_DISK_ON_ZFS = (
-    "; DISK FULL NOT TESTED in the walk on zfs (a full pool is tested by "
-    "tests/hardening/test_full_disk.py and the dockerd full-disk scenario)"
-)
+#: The size of the filesystem (btrfs) or pool (ZFS) a walk may fill.
+SIZE_MB = 256
 
 #: A layer's content: relative path -> ("dir", b""), ("file", bytes) or ("link", target).
 Node = tuple[str, bytes]
@@ -229,37 +225,26 @@ def big_tar(total: int) -> Iterator[bytes]:
     yield b"\0" * 1024
 
 
-# -- what the backend stores -------------------------------------------------------------------
+# -- the filesystem a walk fills ----------------------------------------------------------------
 
 
-def subvolumes_in(home: Path) -> Callable[[], list[str]]:
-    """The names of the btrfs layers kept under a core's ``home``."""
-
-    def stored() -> list[str]:
-        subvolumes = home / "subvolumes"
-        return sorted(os.listdir(subvolumes)) if subvolumes.exists() else []
-
-    return stored
-
-
-def datasets_in(root: str) -> Callable[[], list[str]]:
-    """The names of the ZFS layers below ``root``."""
-
-    def stored() -> list[str]:
-        # <root>/<id> is a layer's dataset; <root>/<parent>@<id> the origin made for layer <id>.
-        return sorted({n.rpartition("/")[2].rpartition("@")[2] for n in everything_below(root)})
-
-    return stored
+@contextlib.contextmanager
+def walk_space(backend: str, homes: Path) -> Iterator[tuple[Space, int]]:
+    """A :data:`SIZE_MB` btrfs or ZFS pool of the walk's own (:func:`tests.storage.open_space`),
+    and its free bytes while empty: a Remove after a disk fill must give back most of them."""
+    if backend == "btrfs":
+        reason = can_make_loop_filesystems()
+        if reason:
+            skip_tier("btrfs", reason)
+    else:
+        skip_without_zfs()
+    with open_space(backend, homes, SIZE_MB) as space:
+        yield space, space.free()
 
 
-def free_space(mnt: Path) -> Callable[[], int]:
-    """The free bytes of the filesystem at ``mnt``."""
-
-    def free() -> int:
-        stats = os.statvfs(mnt)
-        return stats.f_bavail * stats.f_frsize
-
-    return free
+def given_back(space: Space, room: int) -> bool:
+    """Most of the ``room`` the space had empty is free again."""
+    return space.free() > room // 2
 
 
 # -- drawing layer contents against the model --------------------------------------------------
@@ -341,10 +326,8 @@ def run_walk(
     title: str,
     *,
     log_tail: Callable[[], str],
-    disk_full: bool,
 ) -> None:
-    """Run the walk within ``budget`` (sequences, steps); report its figures under ``title``,
-    and say so loudly if the disk-full rules were off."""
+    """Run the walk within ``budget`` (sequences, steps); report its figures under ``title``."""
     counts: Counter[str] = Counter()
     machine.counts = counts
     factory = seed(int(SEED))(machine) if SEED is not None else machine
@@ -373,5 +356,4 @@ def run_walk(
         f"removed something), {counts['kills']} kills, {counts['disk-full errors']} disk-full "
         f"errors, 0 layers lost or changed in {counts['layer checks']} layer checks "
         f"({time.monotonic() - started:.0f} s, seed {SEED or 'derandomized'})"
-        f"{'' if disk_full else NO_FULL_DISK_ON_ZFS}"
     )

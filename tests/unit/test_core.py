@@ -185,3 +185,54 @@ def test_a_home_belongs_to_one_front(tmp_path: Path) -> None:
         again.close()
 
     asyncio.run(main())
+
+
+class SpaceBackend(CopyBackend):
+    """Says how much space its layers have, and counts the waits for removed layers' space."""
+
+    def __init__(self, free: int, total: int) -> None:
+        super().__init__()
+        self.space: tuple[int, int] | None = (free, total)
+        self.reclaims = 0
+
+    @hookimpl
+    def snapdriver_free_space(self) -> tuple[int, int] | None:
+        return self.space
+
+    @hookimpl
+    def snapdriver_reclaim(self, timeout: float) -> None:
+        self.reclaims += 1
+
+
+@pytest.mark.parametrize(
+    ("free", "waits"),
+    [(100 << 30, 0), (512 << 20, 1)],
+    ids=["plenty", "short (the layers' space, not the record's)"],
+)
+def test_a_remove_waits_for_the_space_when_the_backend_is_short(
+    tmp_path: Path, free: int, waits: int
+) -> None:
+    """The backend's own space decides (ZFS keeps layers in a pool, not beside the record)."""
+    backend = SpaceBackend(free, 200 << 30)
+
+    async def body(core: Core) -> None:
+        await core.create(BASE, None)
+        await core.remove(BASE)
+
+    run_core(tmp_path, backend, body)
+    assert backend.reclaims == waits
+
+
+def test_without_an_answer_the_record_filesystem_decides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = SpaceBackend(0, 0)
+    backend.space = None
+    monkeypatch.setattr(core_module, "LOW_SPACE_BYTES", 1 << 60)  # any real filesystem is short
+
+    async def body(core: Core) -> None:
+        await core.create(BASE, None)
+        await core.remove(BASE)
+
+    run_core(tmp_path, backend, body)
+    assert backend.reclaims == 1

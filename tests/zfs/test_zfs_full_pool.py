@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from snapdriver_zfs import ZfsBackend
 from snapdriver_zfs.backend import _error
+from snapdriver_zfs.testing import scratch_pool, scratch_root
 from snapdriver_zfs.zfs import Zfs, ZfsError, load_libzfs_core
 
 from snapdriver.errors import NoSpaceError
@@ -64,3 +65,24 @@ def test_reclaim_returns_once_the_pool_has_freed_a_removed_layer(
     finally:
         Zfs().run("inherit", "snapdriver:home", root_dataset)
     figure(f"FULL DISK (zfs): Reclaim after removing a 64 MiB layer returned in {took:.2f} s")
+
+
+def test_free_space_is_the_pools_room_for_layers(tmp_path: Path) -> None:
+    """What the core decides a Remove's wait by: the root's ``available``, which a full pool
+    (not only a quota) brings down, and a write into a layer lowers."""
+    with scratch_pool(256, tmp_path) as pool, scratch_root("space", pool) as root:
+        backend = ZfsBackend()
+        backend.snapdriver_setup(BackendConfig(tmp_path / "home", {"zfs.fsname": root}))
+        empty, total = backend.snapdriver_free_space()
+        assert 0 < empty <= total < 256 * MiB
+        backend.snapdriver_create(CreateRequest("fat", None))
+        target = backend.snapdriver_mount("fat", "")
+        with open(target / "blob", "wb") as handle:
+            for _ in range(32):
+                handle.write(os.urandom(MiB))
+        backend.snapdriver_unmount("fat")  # the write reaches the pool
+        free, _ = backend.snapdriver_free_space()
+        assert empty - free >= 30 * MiB, (empty, free)
+        backend.snapdriver_remove("fat")
+        backend.snapdriver_reclaim(timeout=60)
+        assert backend.snapdriver_free_space()[0] > empty - 2 * MiB

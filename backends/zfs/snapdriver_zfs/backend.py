@@ -146,6 +146,16 @@ class ZfsBackend:
             self._collect_trash()
 
     @hookimpl
+    def snapdriver_free_space(self) -> tuple[int, int]:
+        """The root dataset's ``available`` (its quota and the pool's space both count)."""
+        try:
+            props = self._zfs.get(self.root, "used", "available")
+            used, available = int(props["used"]), int(props["available"])
+        except (ZfsError, KeyError, ValueError) as err:
+            raise BackendError(f"cannot read the space of {self.root}: {err}") from err
+        return available, used + available
+
+    @hookimpl
     def snapdriver_reclaim(self, timeout: float) -> None:
         """Wait until the pool has freed what destroyed datasets held (``freeing`` is 0).
 

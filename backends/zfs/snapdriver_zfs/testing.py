@@ -82,6 +82,8 @@ def detach_all_below(root: str) -> None:
 
 #: Root datasets :func:`scratch_root` made in this process, for the tier's leak check.
 ROOTS: list[str] = []
+#: Pools :func:`scratch_pool` made in this process, for the same check.
+POOLS: list[str] = []
 #: What each of them still held when its user was done, before it was destroyed.
 LEFT: dict[str, list[str]] = {"datasets": [], "snapshots": [], "mounts": []}
 
@@ -113,6 +115,37 @@ def scratch_root(prefix: str = "t", pool: str | None = None) -> Iterator[str]:
             LEFT[kind] += found
         detach_all_below(root)
         subprocess.run(["zfs", "destroy", "-R", root], check=False)
+
+
+@contextlib.contextmanager
+def scratch_pool(size_mb: int, directory: Path) -> Iterator[str]:
+    """A pool of its own on a sparse ``size_mb`` file in ``directory``, destroyed afterwards.
+
+    For a test that fills a pool to the last block: writes then fail with ENOSPC, as on a real
+    host (a quota gives EDQUOT), and nothing else shares it. ZFS keeps up to half of a small
+    pool back (slop space), so measure the room rather than assume it. Compression is off: the
+    filling writes compress to nothing otherwise.
+    """
+    name = f"sdfull{secrets.token_hex(3)}"
+    image = directory / f"{name}.img"
+    with open(image, "xb") as handle:
+        handle.truncate(size_mb << 20)
+    options = ("mountpoint=none", "compression=off", "atime=off")
+    created = subprocess.run(
+        ["zpool", "create", "-f", *(f"-O{opt}" for opt in options), name, str(image)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if created.returncode != 0:
+        image.unlink()
+        raise AssertionError(f"zpool create {name} failed: {created.stderr.strip()}")
+    POOLS.append(name)
+    try:
+        yield name
+    finally:
+        subprocess.run(["zpool", "destroy", "-f", name], check=False)
+        image.unlink()
 
 
 @dataclass
