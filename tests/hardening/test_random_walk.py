@@ -285,7 +285,7 @@ class Walk(ModelWalk):
         finally:
             self.call("Put", ID=filler)
         self.filler = filler
-        self.last["full"] = self.step
+        self.disk_filled()
 
     @precondition(lambda self: self.filler is not None)
     @rule()
@@ -309,7 +309,7 @@ class Walk(ModelWalk):
         self.counts["disk-full errors"] += 1
         self.call("Remove", ID=layer)
         assert given_back(self.env.space, self.env.room), "space not given back"
-        self.last["full"] = self.step
+        self.disk_filled()
 
     # -- after every step
 

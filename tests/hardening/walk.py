@@ -309,6 +309,11 @@ class ModelWalk(RuleBasedStateMachine):
     def spaced(self, what: str) -> bool:
         return self.step - self.last[what] >= SPACING if self.last[what] else True
 
+    def disk_filled(self) -> None:
+        """Count a disk fill (by a container or by an ApplyDiff) and space the next one."""
+        self.counts["disk fills"] += 1
+        self.last["full"] = self.step
+
     def stepped(self, layers: int) -> None:
         """Count one step and its check of ``layers`` layers (from the invariant)."""
         self.counts["checks"] += 1
@@ -353,7 +358,8 @@ def run_walk(
         f"{title}: {counts['sequences']} sequences, {walked} steps, {counts['calls']} calls "
         f"({counts['writes']} layer writes, {counts['whiteouts that removed something']} "
         f"whiteouts and {counts['opaques that emptied a directory']} opaque directories that "
-        f"removed something), {counts['kills']} kills, {counts['disk-full errors']} disk-full "
-        f"errors, 0 layers lost or changed in {counts['layer checks']} layer checks "
+        f"removed something), {counts['kills']} kills, {counts['disk fills']} disk fills, "
+        f"{counts['disk-full errors']} disk-full errors, 0 layers lost or changed in "
+        f"{counts['layer checks']} layer checks "
         f"({time.monotonic() - started:.0f} s, seed {SEED or 'derandomized'})"
     )
