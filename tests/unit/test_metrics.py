@@ -87,9 +87,11 @@ def test_addresses_print_as_urls() -> None:
     assert str(MetricsAddress.parse("unix:///m.sock")) == "unix:///m.sock"
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
+def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The daemon (copydir) on a socket and a state directory in ``tmp_path``, with ``args``."""
+    where = ["--listen", f"unix://{tmp_path}/p.sock", "--state-dir", str(tmp_path / "state")]
     return subprocess.run(
-        [sys.executable, "-m", "snapdriver", "--backend", "copydir", *args],
+        [sys.executable, "-m", "snapdriver", "--backend", "copydir", *where, *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -98,7 +100,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_bad_address_is_a_one_line_start_up_error(tmp_path: Path) -> None:
-    done = cli("--listen", f"unix://{tmp_path}/p.sock", "--metrics-listen", "localhost")
+    done = cli(tmp_path, "--metrics-listen", "localhost")
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and done.stdout == ""
     assert done.stderr.startswith("snapdriver: error: --metrics-listen 'localhost': expected")
@@ -109,14 +111,7 @@ def test_a_busy_port_is_a_one_line_start_up_error(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        done = cli(
-            "--listen",
-            f"unix://{tmp_path}/p.sock",
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--metrics-listen",
-            f"127.0.0.1:{port}",
-        )
+        done = cli(tmp_path, "--metrics-listen", f"127.0.0.1:{port}")
     assert done.returncode == 2
     lines = done.stderr.splitlines()
     assert lines[-1] == (
@@ -317,22 +312,13 @@ def test_a_metrics_group_may_read_the_unix_socket(tmp_path: Path) -> None:
 
 
 def test_a_metrics_group_needs_a_unix_socket(tmp_path: Path) -> None:
-    done = cli(
-        "--listen",
-        f"unix://{tmp_path}/p.sock",
-        "--state-dir",
-        str(tmp_path / "state"),
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--metrics-group",
-        "root",
-    )
+    done = cli(tmp_path, "--metrics-listen", "127.0.0.1:0", "--metrics-group", "root")
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1] == (
         "snapdriver: error: --metrics-group is for a unix:// --metrics-listen, not "
         "http://127.0.0.1:0"
     )
-    done = cli("--listen", f"unix://{tmp_path}/p.sock", "--metrics-group", "no-such-group-x")
+    done = cli(tmp_path, "--metrics-group", "no-such-group-x")
     assert done.stderr.splitlines()[-1] == (
         "snapdriver: error: --metrics-group 'no-such-group-x': no such group"
     )
