@@ -11,8 +11,8 @@ while the disk is full). Diff is checked by applying its tar to the parent's mod
 DiffSize against the difference of two models.
 
 Budget: ``SNAPDRIVER_WALK_EXAMPLES`` sequences of up to ``SNAPDRIVER_WALK_STEPS`` steps
-(defaults 12 and 50 on btrfs, ~7 min on the host; 1 and 20 on ZFS, ~6 guest minutes in the lab:
-2 and 20 ran 3 sequences, 40 steps in 712 s there, with a host run beside it). Derandomized
+(defaults 12 and 50 on btrfs, under a minute on the host; 1 and 20 on ZFS, 86-98 s in the lab
+with its disk fills). Derandomized
 unless ``SNAPDRIVER_WALK_SEED`` is set; a failure prints hypothesis's ``@reproduce_failure`` blob
 and the seed. The disk that fills is the walk's own: a btrfs loop image, or on ZFS a pool on a
 file (ENOSPC when full, as on a host).
@@ -72,7 +72,6 @@ class Layer:
 
 @dataclass
 class Env:
-    backend: str
     plugin: Plugin
     storage: Storage
     space: Space
@@ -352,7 +351,7 @@ def walk_env(
         try:
             init = {"Home": str(storage.home), "Opts": storage.init_options, "UIDMaps": None}
             plugin.client.call("GraphDriver.Init", {**init, "GIDMaps": None})
-            yield Env(backend, plugin, storage, space, room)
+            yield Env(plugin, storage, space, room)
             left = storage.stored()
             assert left == [], f"layers left after the walk: {left}"
         finally:
@@ -362,7 +361,7 @@ def walk_env(
 
 def test_random_walk(walk_env: Env, figure: Callable[[str], None]) -> None:
     Walk.env = walk_env
-    backend = walk_env.backend
+    backend = walk_env.storage.backend
     run_walk(
         Walk,
         budget(*BUDGETS[backend]),
