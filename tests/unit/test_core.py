@@ -18,7 +18,7 @@ from snapdriver import BackendConfig, CreateRequest, hookimpl
 from snapdriver import core as core_module
 from snapdriver.core import FRONT_MARK, Core, Usage
 from snapdriver.daemon import WORKER_THREADS
-from snapdriver.errors import ConfigError, LayerBusyError, LayerNotFoundError
+from snapdriver.errors import BackendError, ConfigError, LayerBusyError, LayerNotFoundError
 from snapdriver.plugins import Backend
 
 BASE, CHILD = "b" * 64, "c" * 64
@@ -236,3 +236,26 @@ def test_without_an_answer_the_record_filesystem_decides(
 
     run_core(tmp_path, backend, body)
     assert backend.reclaims == 1
+
+
+class BrokenSpaceBackend(SpaceBackend):
+    @hookimpl
+    def snapdriver_free_space(self) -> tuple[int, int] | None:
+        raise BackendError("cannot read the space of pool/root: I/O error")
+
+
+def test_a_backend_that_cannot_tell_its_space_still_removes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The Remove succeeds; the record's filesystem decides the wait, and the log says why."""
+    backend = BrokenSpaceBackend(0, 0)
+    monkeypatch.setattr(core_module, "LOW_SPACE_BYTES", 1 << 60)
+
+    async def body(core: Core) -> None:
+        await core.create(BASE, None)
+        await core.remove(BASE)
+        assert core.record(BASE) is None
+
+    run_core(tmp_path, backend, body)
+    assert backend.reclaims == 1
+    assert "cannot tell the free space of the layers" in caplog.text
