@@ -19,6 +19,8 @@ class Mount:
     fstype: str
     source: str
     options: str
+    mount_id: int = 0
+    parent_id: int = 0  # the mount this one is mounted on (the one below it in a stack)
 
 
 _ESCAPE = re.compile(r"\\([0-7]{3})")
@@ -38,7 +40,9 @@ def parse_mountinfo(text: str) -> list[Mount]:
         fields, tail = left.split(), right.split()
         if len(fields) < 6 or len(tail) < 2:
             continue
-        found.append(Mount(_unescape(fields[4]), tail[0], _unescape(tail[1]), fields[5]))
+        target, options = _unescape(fields[4]), fields[5]
+        mount_id, parent_id = int(fields[0]), int(fields[1])
+        found.append(Mount(target, tail[0], _unescape(tail[1]), options, mount_id, parent_id))
     return found
 
 
@@ -74,13 +78,26 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
-def mount_of(path: Path) -> Mount:
-    """The mount that holds ``path`` (or would hold it, if it does not exist yet)."""
+def mount_of(path: Path, table: list[Mount] | None = None) -> Mount:
+    """The mount that holds ``path`` (or would hold it, if it does not exist yet).
+
+    The one a lookup of ``path`` reaches, which is not always the deepest mount point above it:
+    a mount made later over an ancestor hides it (dockerd bind-mounts its data root onto itself
+    at start, hiding a filesystem mounted inside it before). So the mount tree is walked down
+    the path, from parent to child mount, as the kernel does.
+    """
     real = os.path.realpath(nearest_existing(path))
-    best: Mount | None = None
-    for mount in mounts():
-        if is_below(real, mount.target) and (best is None or len(mount.target) >= len(best.target)):
-            best = mount
-    if best is None:
+    listed = mounts() if table is None else table
+    on: dict[tuple[int, str], Mount] = {}
+    for mount in listed:  # of two on the same parent and point, the later one is on top
+        on[(mount.parent_id, mount.target)] = mount
+    ids = {mount.mount_id for mount in listed}
+    current = next((m for m in listed if m.target == "/" and m.parent_id not in ids), None)
+    if current is None:
         raise FileNotFoundError(f"no mount holds {path}")
-    return best
+    parts = [p for p in real.split("/") if p]
+    for depth in range(len(parts) + 1):
+        point = "/" + "/".join(parts[:depth])
+        while (upper := on.get((current.mount_id, point))) is not None:
+            current = upper  # a mount on this point, or one stacked on it
+    return current

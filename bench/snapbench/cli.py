@@ -356,9 +356,8 @@ def run(config: Config, results: Results) -> None:
         started, load = time.monotonic(), _load()
         workdir = config.workdir / spec.label
         try:
-            size = sizes.get(spec.fstype, 0)
             with environment(
-                spec, workdir, size, config.zpool, log, containerd=config.own_containerd
+                spec, workdir, sizes, config.zpool, log, containerd=config.own_containerd
             ) as env:
                 status = env.dockerd.docker("info", "--format", "{{json .DriverStatus}}")
                 results.driver_status[spec.label] = _driver_status(status.stdout)
@@ -391,7 +390,6 @@ def leftovers(config: Config) -> list[str]:
 def prepare(config: Config) -> int:
     """``--prepare``: the image tars the chosen scenarios read, written where a later run will
     find them (the ZFS lab's emulated guest would take minutes for each)."""
-    config.images_dir.mkdir(parents=True, exist_ok=True)
     if config.scenarios & {1, 2, 3}:
         for files in config.sizes:
             tar = file_image_tar(config.images_dir, FileLayout.for_files(files), log)

@@ -98,6 +98,7 @@ def file_image_tar(directory: Path, layout: FileLayout, log: Callable[[str], Non
     """``layout``'s image tar in ``directory``, written unless an earlier run left it there."""
     path = directory / f"files-{layout.files}.tar"
     if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
         log(f"    writing {path} ({layout.dirs} dirs x {layout.per_dir} files)")
         partial = path.with_suffix(".partial")
         write_file_image(partial, layout)
@@ -127,6 +128,7 @@ def load_archive(directory: Path, files: int, mib: int, log: Callable[[str], Non
     unless an earlier run (or ``bench/run --prepare``) left it there."""
     path = directory / f"load-{files}-{mib}.tar"
     if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)  # --images DIR need not exist yet
         log(f"    writing {path} ({files:,} files, {mib:,} MiB)")
         partial = path.with_suffix(".partial")
         write_save_archive(partial, LOAD_TAG, files, mib)

@@ -56,14 +56,29 @@ def reference(results: Results) -> str | None:
     return next((d for d in results.drivers if d in plugins), None)
 
 
-def ratio(results: Results, metric: Metric, peer: str) -> str:
+def compared(results: Results) -> list[tuple[str, str]]:
+    """The (ours, peer) pairs the medians table gives a ratio for: the reference against every
+    other driver, and each further snapdriver variant against every in-tree driver."""
     ref = reference(results)
     if ref is None:
+        return []
+    plugins = {spec.label for spec in DRIVERS if spec.plugin}
+    pairs = [(ref, peer) for peer in results.drivers if peer != ref]
+    for ours in results.drivers:
+        if ours in plugins and ours != ref:
+            pairs += [(ours, peer) for peer in results.drivers if peer not in plugins]
+    return pairs
+
+
+def ratio(results: Results, metric: Metric, peer: str, ours: str | None = None) -> str:
+    """``ours`` (the reference unless given) over ``peer``, bold when ours is faster."""
+    ours = ours or reference(results)
+    if ours is None:
         return "—"
-    ours, theirs = results.median(metric, ref), results.median(metric, peer)
-    if ours is None or theirs is None or theirs == 0:
+    mine, theirs = results.median(metric, ours), results.median(metric, peer)
+    if mine is None or theirs is None or theirs == 0:
         return "—"
-    value = ours / theirs
+    value = mine / theirs
     text = f"{value:.2g}x" if value < 0.1 else f"{value:.2f}x"
     return f"**{text}**" if value < 1 else text
 
@@ -74,20 +89,16 @@ def duration(seconds: float) -> str:
 
 
 def _medians_table(results: Results, metrics: Sequence[Metric]) -> list[str]:
-    drivers, ref = results.drivers, reference(results)
-    peers = [d for d in drivers if d != ref]
-    head = ["scenario", *drivers]
-    if ref is not None:
-        head += [f"{ref} / {peer}" for peer in peers]
+    drivers, pairs = results.drivers, compared(results)
+    head = ["scenario", *drivers, *(f"{ours} / {peer}" for ours, peer in pairs)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for metric in metrics:
         label = f"{metric.scenario}. {metric.title}" if metric.scenario else metric.title
         row = [label, *(fmt(results.median(metric, d), metric.unit) for d in drivers)]
-        if ref is not None:
-            row += [
-                ratio(results, metric, peer) if not metric.higher_is_better else "—"
-                for peer in peers
-            ]
+        row += [
+            ratio(results, metric, peer, ours) if not metric.higher_is_better else "—"
+            for ours, peer in pairs
+        ]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -159,7 +170,9 @@ def write_markdown(path: Path, results: Results, config: Config, plots: Sequence
         f"Each time is the wall time of one docker CLI command (so it includes the CLI's own "
         f"start-up: see the floor row), repeated {config.repeat} time(s); the table gives the "
         "median. Ratios are snapdriver's median over the peer's: **below 1 (bold) snapdriver is "
-        "faster**. Page cache is warm (nothing is dropped between repeats).",
+        "faster**. Page cache is warm, except that it is written back and dropped before each "
+        "`docker import` and `docker load` (and the tar read back in), so that every driver "
+        "writes its image into the same state of the machine's memory.",
         "",
         *_headline(results, config.files),
         "## Medians",

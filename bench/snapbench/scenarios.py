@@ -20,7 +20,12 @@ from pathlib import Path
 
 from snapbench import results as m
 from snapbench.config import Config
-from snapbench.env import Environment, busy_cpu_seconds, process_cpu_seconds
+from snapbench.env import (
+    Environment,
+    busy_cpu_seconds,
+    process_cpu_seconds,
+    settle_page_cache,
+)
 from snapbench.images import (
     LOAD_TAG,
     FileLayout,
@@ -203,6 +208,7 @@ class Runner:
         layout = FileLayout.for_files(files)
         tag = f"sdbench-files-{layout.files}"
         tar = file_image_tar(self.config.images_dir, layout, self.log)
+        settle_page_cache(tar)
         with self.profiled(f"import-{layout.files}"):
             seconds, _ = self.timed("import", str(tar), tag)
         self.record(m.image_import(layout.files), seconds)
@@ -347,6 +353,7 @@ class Runner:
         metric = m.image_load(cfg.load_files, cfg.load_mib)
         expected = cfg.load_files * load_file_size(cfg.load_files, cfg.load_mib)
         for _ in range(cfg.repeat):
+            settle_page_cache(archive)
             with self.profiled("load"):
                 self.measured(metric, "load", "-q", "-i", str(archive))
             size = int(self.docker("image", "inspect", "-f", "{{.Size}}", LOAD_TAG))

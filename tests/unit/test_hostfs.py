@@ -41,6 +41,19 @@ def test_mount_of_finds_the_innermost(tree: Path) -> None:
     assert mount_of(tree / "a/x").target == str(tree / "a")
 
 
+def test_mount_of_skips_a_mount_hidden_by_a_later_bind_over_its_parent(tree: Path) -> None:
+    """What dockerd does to a data root that is not a mount point: a bind onto itself, which
+    hides what was mounted inside it. The deepest mount point is then not what ``path`` is on."""
+    inner = tree / "a/inner"
+    inner.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "r", inner], check=True)
+    assert mount_of(inner / "x").fstype == "ramfs"
+    subprocess.run(["mount", "--bind", tree / "a", tree / "a"], check=True)
+    found = mount_of(inner / "x")
+    assert (found.target, found.fstype) == (str(tree / "a"), "tmpfs")
+    assert os.statvfs(inner).f_blocks == os.statvfs(tree / "a").f_blocks  # the kernel agrees
+
+
 def test_unmount_below_releases_stacks_and_keeps_neighbours(tree: Path) -> None:
     unmount_below(tree / "a")
     assert mounts_below(tree / "a") == []
