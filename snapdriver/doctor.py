@@ -31,7 +31,7 @@ from snapdriver.graphdriver.client import PluginClient, unix_path
 from snapdriver.graphdriver.driver import DEFAULT_ORPHAN_AGE, INIT_NAME, InitRecord
 from snapdriver.graphdriver.serve import PLUGIN_DIR
 from snapdriver.hookspec import PROBLEMS, BackendConfig, Finding, Level
-from snapdriver.hostfs import mount_of, nearest_existing
+from snapdriver.hostfs import Mount, is_below, mount_of, mounts, nearest_existing
 from snapdriver.plugins import Backend
 
 #: The filesystem type each built-in backend needs its Home on.
@@ -268,12 +268,27 @@ def check_filesystem(host: Host) -> Finding:
     where = f"{host.home} is on {mount.fstype} ({mount.target})"
     if mount.fstype == want:
         return Finding(name, "OK", where)
+    hidden = _hidden_mount(host.home, want)
+    if hidden is not None:
+        return Finding(
+            name,
+            "FAIL",
+            f"{where}: the {want} mounted at {hidden.target} is hidden by a later mount",
+            f"make {mount.target} a mount point before mounting {want} inside it (dockerd "
+            "bind-mounts a data root that is not one onto itself at start)",
+        )
     move = (
         "dockerd --data-root DIR (in daemon.json: data-root)"
         if host.front == "graphdriver"
         else "snapdriver containerd --root DIR"
     )
     return Finding(name, "FAIL", f"{where}, not {want}", f"put it on {want}: {move}")
+
+
+def _hidden_mount(home: Path, fstype: str) -> Mount | None:
+    """A ``fstype`` mount at ``home`` or above it that a lookup of ``home`` no longer reaches."""
+    real = os.path.realpath(nearest_existing(home))
+    return next((m for m in mounts() if m.fstype == fstype and is_below(real, m.target)), None)
 
 
 def _command_version(*cmd: str) -> str | None:

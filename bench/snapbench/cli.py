@@ -128,6 +128,12 @@ def parse_args(argv: Sequence[str]) -> Config:
         help="only write the image tars into --images, then stop (no root needed)",
     )
     parser.add_argument(
+        "--rewrite",
+        action="store_true",
+        help="measure nothing: write the report and plots again from the samples of the run "
+        "that wrote them (--out, --report), e.g. after editing goals.md, which it includes",
+    )
+    parser.add_argument(
         "--no-plots",
         dest="plots",
         action="store_false",
@@ -229,6 +235,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         prepare=args.prepare,
         plots=args.plots,
         own_containerd=args.own_containerd,
+        rewrite=args.rewrite,
     )
 
 
@@ -400,17 +407,34 @@ def prepare(config: Config) -> int:
     return 0
 
 
+def rewrite(config: Config) -> int:
+    """``--rewrite``: the report of an earlier run, written again from its samples with the
+    options that run was given (its command line is saved with them)."""
+    results = Results.load(config.samples_path)
+    if not results.command:
+        print(f"bench/run: {config.samples_path} does not name its command", file=sys.stderr)
+        return 2
+    ran = parse_args(shlex.split(results.command)[1:])
+    ran = dataclasses.replace(ran, out_dir=config.out_dir, report=config.report, plots=config.plots)
+    plots = write_plots(results, ran) if ran.plots else []
+    write_markdown(ran.report_path, results, ran, plots)
+    log(f"rewrote {ran.report_path} ({len(plots)} plots) from {config.samples_path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(list(sys.argv[1:] if argv is None else argv))
     if config.prepare:
         return prepare(config)
+    if config.rewrite:
+        return rewrite(config)
     reason = preflight(config)
     if reason:
         print(f"bench/run: cannot run here: {reason}", file=sys.stderr)
         return 2
     os.environ["DOCKER_BUILDKIT"] = "0"  # scenario 5 measures the classic builder
     raise_on_sigterm()
-    results = Results(drivers=list(config.drivers))
+    results = Results(drivers=list(config.drivers), command=config.command)
     results.machine = machine_info()
     interrupted = False
     with exclusive():

@@ -39,6 +39,7 @@ class Config:
     prepare: bool  # write the image tars into ``images`` and stop
     plots: bool
     own_containerd: bool  # start containerd for dockerd instead of letting it start its own
+    rewrite: bool = False  # write the report again from its saved samples; measure nothing
 
     @property
     def images_dir(self) -> Path:

@@ -134,13 +134,13 @@ def _headline(results: Results, files: int) -> list[str]:
 
 
 def write_markdown(path: Path, results: Results, config: Config, plots: Sequence[Path]) -> None:
-    machine = results.machine
+    machine, command = results.machine, results.command or config.command
     readme = os.path.relpath(BENCH_DIR / "README.md", path.parent)
     lines = [
         "# snapdriver benchmark results"
         + (f" on ZFS (pool `{config.zpool}`)" if config.zpool else ""),
         "",
-        f"Written by `{config.command}` on {machine.get('date', '?')}; the run took "
+        f"Written by `{command}` on {machine.get('date', '?')}; the run took "
         f"{machine.get('duration', '?')}. How to run it and what each scenario measures: "
         f"[README.md]({readme}). Raw samples: `{config.samples_path.name}` beside this file.",
         "",
@@ -371,7 +371,8 @@ def _summary_plot(results: Results, config: Config, path: Path) -> bool:
         ax.bar_label(bars, labels=[fmt(v, "s") for v in values], fontsize=7)
         ax.set_title(metric.title.replace("`", ""), fontsize=8, wrap=True)
         ax.set_ylabel("seconds (median)")
-        ax.tick_params(axis="x", labelsize=8)
+        ax.tick_params(axis="x", labelsize=8, labelrotation=30)
+        plt.setp(ax.get_xticklabels(), horizontalalignment="right")  # long names, no overlap
         ax.margins(y=0.15)
     fig.suptitle("Median wall time per driver (lower is better)")
     fig.tight_layout()

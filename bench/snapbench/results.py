@@ -124,6 +124,21 @@ class Results:
     driver_runs: dict[str, dict[str, str]] = field(default_factory=dict)
     driver_status: dict[str, str] = field(default_factory=dict)
     machine: dict[str, str] = field(default_factory=dict)
+    command: str = ""  # the bench/run command line that measured these
+
+    @classmethod
+    def load(cls, path: Path) -> Results:
+        """What :meth:`save` wrote."""
+        data = json.loads(path.read_text())
+        names = Metric.__dataclass_fields__
+        results = cls(
+            drivers=data["drivers"],
+            **{key: data[key] for key in _SAVED if key in data},
+        )
+        for row in data["samples"]:
+            metric = Metric(**{key: row[key] for key in names})
+            results.samples.setdefault(metric, {})[row["driver"]] = row["samples"]
+        return results
 
     def add(self, metric: Metric, driver: str, value: float) -> None:
         self.samples.setdefault(metric, {}).setdefault(driver, []).append(value)
@@ -144,14 +159,8 @@ class Results:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "machine": self.machine,
             "drivers": self.drivers,
-            "failures": self.failures,
-            "notes": self.notes,
-            "peak_rss_kib": self.peak_rss_kib,
-            "diff_digests": self.diff_digests,
-            "driver_runs": self.driver_runs,
-            "driver_status": self.driver_status,
+            **{key: getattr(self, key) for key in _SAVED},
             "samples": [
                 {
                     **asdict(metric),
@@ -166,3 +175,16 @@ class Results:
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+
+#: The fields saved as they are (``drivers`` and ``samples`` apart).
+_SAVED = (
+    "command",
+    "machine",
+    "failures",
+    "notes",
+    "peak_rss_kib",
+    "diff_digests",
+    "driver_runs",
+    "driver_status",
+)
