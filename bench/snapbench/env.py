@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 from snapdriver.testing.dockerd import Dockerd
-from snapdriver.testing.loopfs import loop_filesystem, unmount_below
+from snapdriver.testing.loopfs import data_root_with_layers, loop_filesystem
 from snapdriver.testing.process import PluginProcess
 
 PLUGIN_NAME = "sdbench"
@@ -255,25 +255,17 @@ def filesystem(
 
 @contextlib.contextmanager
 def split_filesystems(spec: DriverSpec, sizes_mb: dict[str, int]) -> Iterator[Path]:
-    """A ``data_root_fstype`` loop filesystem for the data root, with a ``fstype`` one mounted
-    at ``docker/PLUGIN_NAME`` in it: the directory dockerd's Init gives the plugin.
-
-    The data root is made a mount point first, as an operator's own volume would be: dockerd
-    bind-mounts a data root that is not one onto itself, which hides what is mounted inside.
-    """
+    """The data root on a ``data_root_fstype`` loop filesystem, the layers on a ``fstype`` one
+    mounted in it where the plugin's Home will be (the data root made a mount point first)."""
     assert spec.data_root_fstype is not None
-    with (
-        loop_filesystem(spec.data_root_fstype, sizes_mb[spec.data_root_fstype]) as mount,
-        loop_filesystem(spec.fstype, sizes_mb[spec.fstype]) as layers,
-        contextlib.ExitStack() as binds,
-    ):
-        data_root = mount / "docker"
-        home = data_root / spec.storage_driver
-        for source, target in ((data_root, data_root), (layers, home)):
-            target.mkdir(exist_ok=True)
-            subprocess.run(["mount", "--bind", source, target], check=True, capture_output=True)
-            binds.callback(unmount_below, target)
-        yield mount
+    with data_root_with_layers(
+        spec.storage_driver,
+        root_fstype=spec.data_root_fstype,
+        layers_fstype=spec.fstype,
+        root_mb=sizes_mb[spec.data_root_fstype],
+        layers_mb=sizes_mb[spec.fstype],
+    ) as data_root:
+        yield data_root.parent  # environment() puts the data root at MOUNT/docker
 
 
 @contextlib.contextmanager

@@ -49,6 +49,38 @@ def _detach_image(image: Path) -> None:
         subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
 
 
+@contextlib.contextmanager
+def data_root_with_layers(
+    name: str,
+    *,
+    root_fstype: str = "ext4",
+    layers_fstype: str = "btrfs",
+    root_mb: int = 1024,
+    layers_mb: int = 1024,
+    own_mount: bool = True,
+) -> Iterator[Path]:
+    """dockerd's data root on a ``root_fstype`` loop filesystem, with a ``layers_fstype`` one
+    mounted at ``DATA_ROOT/name``, the Home dockerd's Init gives a plugin called ``name``.
+
+    ``own_mount``: the data root is made a mount point first, as an operator's own volume is.
+    Without, dockerd bind-mounts it onto itself at start, which hides the layers' filesystem.
+    """
+    with (
+        loop_filesystem(root_fstype, root_mb) as mount,
+        loop_filesystem(layers_fstype, layers_mb) as layers,
+    ):
+        data_root = mount / "docker"
+        binds = [(data_root, data_root)] if own_mount else []
+        try:
+            for source, target in [*binds, (layers, data_root / name)]:
+                target.mkdir(parents=True, exist_ok=True)
+                _run("mount", "--bind", str(source), str(target))
+            yield data_root
+        finally:
+            for _ in range(2):  # a bind over the data root hides the layers' mount until gone
+                unmount_below(data_root)
+
+
 def unmount_below(mountpoint: Path) -> None:
     """Unmount everything at or below ``mountpoint``, deepest first (lazily if it is busy)."""
     for mount in mounts_below(mountpoint):
