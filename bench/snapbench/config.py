@@ -15,6 +15,7 @@ DEFAULT_REPORT = "RESULTS"
 @dataclass(frozen=True)
 class Config:
     repeat: int
+    import_repeat: int  # runs of the file image's docker import
     files: int  # the main image: scenarios 1-3
     sizes: tuple[int, ...]  # image sizes for scenario 1 (and 2), ascending
     changes: tuple[int, ...]  # changed-file counts for scenario 3

@@ -29,7 +29,7 @@ def cli_floor() -> Metric:
 
 
 def image_import(files: int) -> Metric:
-    return Metric(0, "b-import", files, "s", f"`docker import` of the {files:,}-file image (1 run)")
+    return Metric(0, "b-import", files, "s", f"`docker import` of the {files:,}-file image")
 
 
 def diff_by_size(files: int) -> Metric:
