@@ -267,6 +267,16 @@ def check_filesystem(host: Host) -> Finding:
     mount = mount_of(host.home)
     where = f"{host.home} is on {mount.fstype} ({mount.target})"
     if mount.fstype == want:
+        data_root = host.data_root or host.dockerd_data_root()
+        if host.front == "graphdriver" and _inside_a_plain_directory(mount, data_root):
+            return Finding(
+                name,
+                "WARN",
+                f"{where}, inside the data root {data_root}, which is not a mount point",
+                f"make {data_root} a mount point (its own volume, or mount --bind it onto "
+                f"itself) before mounting {want} inside it: dockerd bind-mounts a data root "
+                "that is not one onto itself at start, which hides what is mounted inside",
+            )
         return Finding(name, "OK", where)
     hidden = _hidden_mount(host.home, want)
     if hidden is not None:
@@ -283,6 +293,14 @@ def check_filesystem(host: Host) -> Finding:
         else "snapdriver containerd --root DIR"
     )
     return Finding(name, "FAIL", f"{where}, not {want}", f"put it on {want}: {move}")
+
+
+def _inside_a_plain_directory(mount: Mount, data_root: Path) -> bool:
+    """``mount`` is mounted below ``data_root``, and ``data_root`` is not a mount point."""
+    root = os.path.realpath(data_root)
+    if mount.target == root or not is_below(mount.target, root):
+        return False
+    return all(m.target != root for m in mounts())
 
 
 def _hidden_mount(home: Path, fstype: str) -> Mount | None:

@@ -15,7 +15,7 @@ import pytest
 
 from snapdriver import doctor
 from snapdriver.doctor import Host
-from snapdriver.testing.loopfs import STATE_ROOT, loop_filesystem, unmount_below
+from snapdriver.testing.loopfs import STATE_ROOT, data_root_with_layers, loop_filesystem
 from snapdriver.testing.process import PluginProcess
 
 pytestmark = pytest.mark.btrfs
@@ -71,25 +71,27 @@ def test_data_root_on_ext4_and_quota_not_judged(tmp_path: Path) -> None:
 
 
 def test_btrfs_in_a_data_root_hidden_by_dockerds_bind(tmp_path: Path) -> None:
-    """btrfs mounted at <data-root>/NAME on an ext4 whose data root is no mount point: dockerd's
-    bind of the data root onto itself hides it. OK before the bind, and named after it."""
-    with (
-        loop_filesystem("ext4", size_mb=64) as ext4,
-        loop_filesystem("btrfs", size_mb=256) as btrfs,
-    ):
-        data_root = ext4 / "docker"
-        (data_root / "sddoc").mkdir(parents=True)
-        subprocess.run(["mount", "--bind", btrfs, data_root / "sddoc"], check=True)
-        try:
-            assert doctor.check_filesystem(host(data_root, tmp_path)).level == "OK"
-            subprocess.run(["mount", "--bind", data_root, data_root], check=True)
-            result = doctor.check_filesystem(host(data_root, tmp_path))
-        finally:  # the bind on top first: under it, the btrfs mount cannot be reached
-            subprocess.run(["umount", data_root], check=False, capture_output=True)
-            unmount_below(data_root)
-    assert result.level == "FAIL", result
-    assert f"is on ext4 ({data_root}): the btrfs mounted at {data_root}/sddoc" in result.detail
-    assert result.fix.startswith(f"make {data_root} a mount point")
+    """btrfs mounted at <data-root>/NAME on an ext4 whose data root is no mount point: a WARN
+    before dockerd starts, as its bind of the data root onto itself will hide the btrfs, and a
+    FAIL that names the hidden btrfs once that bind is there."""
+    with data_root_with_layers("sddoc", root_mb=64, layers_mb=256, own_mount=False) as data_root:
+        before = doctor.check_filesystem(host(data_root, tmp_path))
+        subprocess.run(["mount", "--bind", data_root, data_root], check=True)  # dockerd's
+        after = doctor.check_filesystem(host(data_root, tmp_path))
+    assert before.level == "WARN", before
+    assert f"inside the data root {data_root}, which is not a mount point" in before.detail
+    assert after.level == "FAIL", after
+    assert f"is on ext4 ({data_root}): the btrfs mounted at {data_root}/sddoc" in after.detail
+    assert after.fix.startswith(f"make {data_root} a mount point")
+
+
+def test_btrfs_in_a_data_root_of_its_own_mount(tmp_path: Path) -> None:
+    with data_root_with_layers("sddoc", root_mb=64, layers_mb=256) as data_root:
+        result = doctor.check_filesystem(host(data_root, tmp_path))
+    assert (result.level, result.detail) == (
+        "OK",
+        f"{data_root}/sddoc is on btrfs ({data_root}/sddoc)",
+    )
 
 
 def test_btrfs_without_quotas_and_a_size_option(tmp_path: Path) -> None:
