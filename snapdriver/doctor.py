@@ -278,7 +278,7 @@ def check_filesystem(host: Host) -> Finding:
                 "that is not one onto itself at start, which hides what is mounted inside",
             )
         return Finding(name, "OK", where)
-    hidden = _hidden_mount(host.home, want)
+    hidden = _hidden_mount(host.home, want, mount)
     if hidden is not None:
         return Finding(
             name,
@@ -303,10 +303,21 @@ def _inside_a_plain_directory(mount: Mount, data_root: Path) -> bool:
     return all(m.target != root for m in mounts())
 
 
-def _hidden_mount(home: Path, fstype: str) -> Mount | None:
-    """A ``fstype`` mount at ``home`` or above it that a lookup of ``home`` no longer reaches."""
+def _hidden_mount(home: Path, fstype: str, reached: Mount) -> Mount | None:
+    """A ``fstype`` mount at ``home`` or above it, below the ``reached`` one's mount point, that
+    a lookup of ``home`` no longer reaches (one above that point is merely mounted over)."""
     real = os.path.realpath(nearest_existing(home))
-    return next((m for m in mounts() if m.fstype == fstype and is_below(real, m.target)), None)
+    return next(
+        (
+            m
+            for m in mounts()
+            if m.fstype == fstype
+            and is_below(real, m.target)
+            and is_below(m.target, reached.target)
+            and m.target != reached.target
+        ),
+        None,
+    )
 
 
 def _command_version(*cmd: str) -> str | None:

@@ -78,7 +78,7 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
-def mount_of(path: Path, table: list[Mount] | None = None) -> Mount:
+def mount_of(path: Path) -> Mount:
     """The mount that holds ``path`` (or would hold it, if it does not exist yet).
 
     The one a lookup of ``path`` reaches, which is not always the deepest mount point above it:
@@ -87,7 +87,7 @@ def mount_of(path: Path, table: list[Mount] | None = None) -> Mount:
     the path, from parent to child mount, as the kernel does.
     """
     real = os.path.realpath(nearest_existing(path))
-    listed = mounts() if table is None else table
+    listed = mounts()
     on: dict[tuple[int, str], Mount] = {}
     for mount in listed:  # of two on the same parent and point, the later one is on top
         on[(mount.parent_id, mount.target)] = mount

@@ -15,7 +15,12 @@ import pytest
 
 from snapdriver import doctor
 from snapdriver.doctor import Host
-from snapdriver.testing.loopfs import STATE_ROOT, data_root_with_layers, loop_filesystem
+from snapdriver.testing.loopfs import (
+    STATE_ROOT,
+    data_root_with_layers,
+    loop_filesystem,
+    unmount_below,
+)
 from snapdriver.testing.process import PluginProcess
 
 pytestmark = pytest.mark.btrfs
@@ -83,6 +88,21 @@ def test_btrfs_in_a_data_root_hidden_by_dockerds_bind(tmp_path: Path) -> None:
     assert after.level == "FAIL", after
     assert f"is on ext4 ({data_root}): the btrfs mounted at {data_root}/sddoc" in after.detail
     assert after.fix.startswith(f"make {data_root} a mount point")
+
+
+def test_a_data_root_mounted_over_a_btrfs_is_not_on_btrfs(tmp_path: Path) -> None:
+    """tmpfs mounted inside a btrfs: the btrfs above is not hidden, the data root is elsewhere."""
+    with loop_filesystem("btrfs", size_mb=256) as btrfs:
+        data_root = btrfs / "docker"
+        data_root.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "t", data_root], check=True)
+        try:
+            result = doctor.check_filesystem(host(data_root, tmp_path))
+        finally:
+            unmount_below(data_root)
+    assert result.level == "FAIL", result
+    assert result.detail.endswith(f"is on tmpfs ({data_root}), not btrfs")
+    assert "dockerd --data-root" in result.fix
 
 
 def test_btrfs_in_a_data_root_of_its_own_mount(tmp_path: Path) -> None:
