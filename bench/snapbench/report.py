@@ -70,11 +70,8 @@ def compared(results: Results) -> list[tuple[str, str]]:
     return pairs
 
 
-def ratio(results: Results, metric: Metric, peer: str, ours: str | None = None) -> str:
-    """``ours`` (the reference unless given) over ``peer``, bold when ours is faster."""
-    ours = ours or reference(results)
-    if ours is None:
-        return "—"
+def ratio(results: Results, metric: Metric, ours: str, peer: str) -> str:
+    """``ours`` over ``peer``, bold when ours is faster."""
     mine, theirs = results.median(metric, ours), results.median(metric, peer)
     if mine is None or theirs is None or theirs == 0:
         return "—"
@@ -96,7 +93,7 @@ def _medians_table(results: Results, metrics: Sequence[Metric]) -> list[str]:
         label = f"{metric.scenario}. {metric.title}" if metric.scenario else metric.title
         row = [label, *(fmt(results.median(metric, d), metric.unit) for d in drivers)]
         row += [
-            ratio(results, metric, peer, ours) if not metric.higher_is_better else "—"
+            ratio(results, metric, ours, peer) if not metric.higher_is_better else "—"
             for ours, peer in pairs
         ]
         lines.append("| " + " | ".join(row) + " |")
@@ -134,7 +131,7 @@ def _headline(results: Results, files: int) -> list[str]:
 
 
 def write_markdown(path: Path, results: Results, config: Config, plots: Sequence[Path]) -> None:
-    machine, command = results.machine, results.command or config.command
+    machine, command = results.machine, results.command
     readme = os.path.relpath(BENCH_DIR / "README.md", path.parent)
     lines = [
         "# snapdriver benchmark results"
