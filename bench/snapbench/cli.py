@@ -418,7 +418,11 @@ def prepare(config: Config) -> int:
 def rewrite(config: Config) -> int:
     """``--rewrite``: the report of an earlier run, written again from its samples with the
     options that run was given (its command line is saved with them)."""
-    results = Results.load(config.samples_path)
+    try:
+        results = Results.load(config.samples_path)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(f"bench/run: cannot read {config.samples_path}: {err!r}", file=sys.stderr)
+        return 2
     if not results.command:
         print(f"bench/run: {config.samples_path} does not name its command", file=sys.stderr)
         return 2
